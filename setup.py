@@ -6,7 +6,6 @@ setuptools.setup(
     version="0.1.0",
     description="RankRAG: context ranking + retrieval-augmented generation in one Llama, in JAX/Flax.",
     packages=setuptools.find_packages(include=["rankrag_jax", "rankrag_jax.*"]),
-    package_data={"rankrag_jax": ["../gin_configs/*.gin"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

@@ -1,0 +1,255 @@
+"""Flax (linen) Llama decoder: RMSNorm, RoPE with llama3 scaling, GQA attention, SwiGLU, stacked layers.
+
+Attention is driven by explicit `positions` (RoPE) and `segment_ids` (who may attend to whom), so packed
+training rows, padded batches and KV-cache decoding are the same code: a query attends to a key iff both
+carry the same non-zero segment id and the key's slot is not after the query's slot.
+
+The KV cache is an explicit pytree (see `init_cache`) passed in and returned, never hidden module state:
+    cache = {"k": [L, B, S, Kh, D], "v": [L, B, S, Kh, D], "segment_ids": [B, S], "index": int32[]}
+`index` is the slot where the next call's first token is written.
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rankrag_jax.model import axes
+from rankrag_jax.model.config import LlamaConfig
+
+Array = jax.Array
+
+
+def _init(names, stddev=0.02):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)  # the variance is taken in f32 even when computing in bf16, as HF does.
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32.astype(self.dtype) * scale.astype(self.dtype))
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> Array:
+  """Per-pair rotation frequencies, with Llama-3.1's piecewise "llama3" scaling when configured."""
+  dim = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  rs = config.rope_scaling
+  if rs is None:
+    return inv_freq
+  low_freq_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+  high_freq_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  # Long wavelengths are slowed by `factor`, short ones kept, and the band between interpolated smoothly.
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / rs.factor, inv_freq)
+  smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+      rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_sin_cos(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
+  """sin/cos tables [B, T, head_dim] for integer positions [B, T] (HF rotate-half layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inverse_frequencies(config)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.sin(emb), jnp.cos(emb)
+
+
+def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
+  """x: [B, T, H, D]; rotates pairs (i, i + D/2), HF's rotate_half convention."""
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: Array | int = 0) -> Array:
+  """Boolean [B, 1, T, S]: same non-zero segment, and key slot <= query slot (query i sits at q_offset + i)."""
+  t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+  q_slot = q_offset + jnp.arange(t)[:, None]
+  causal = jnp.arange(s)[None, :] <= q_slot
+  same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (q_segment_ids[:, :, None] != 0)
+  return (same & causal[None])[:, None]
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None):
+    cfg = self.config
+    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
+              name="q_proj")(x)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
+              name="k_proj")(x)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
+              name="v_proj")(x)
+    q = nn.with_logical_constraint(apply_rope(q, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_HEADS,
+                                                               axes.ACT_HEAD_DIM))
+    k = nn.with_logical_constraint(apply_rope(k, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS,
+                                                               axes.ACT_HEAD_DIM))
+    new_cache = None
+    if kv_cache is not None:
+      # Write this call's keys/values at [index, index + T) and attend over the whole cache.
+      k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index, 1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index, 1)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # GQA: heads grouped over kv_heads.
+    out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM))
+    out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init((axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
+                name="o_proj")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    gate = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="gate_proj")(x)
+    up = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="up_proj")(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+    return dense(cfg.hidden_size, kernel_init=_init((axes.MLP, axes.EMBED)), name="down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm block; the scan body. Returns (x, per-layer cache) as nn.scan expects (carry, ys)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, sin, cos, mask, cache_index, kv_cache):
+    cfg = self.config
+    norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+    h, new_cache = Attention(cfg, name="attn")(norm(name="attn_norm")(x), sin, cos, mask, kv_cache, cache_index)
+    x = x + h
+    x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
+    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    return x, new_cache
+
+
+class LMHeadKernel(nn.Module):
+  """Holds the untied output projection `lm_head/kernel` [D, V]; the projection itself is in Llama."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, _):
+    cfg = self.config
+    return self.param("kernel", _init((axes.EMBED, axes.VOCAB)), (cfg.hidden_size, cfg.vocab_size),
+                      cfg.param_dtype)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama(nn.Module):
+  """Llama decoder. `__call__` gives full logits; `hidden_states` + `logits_from_hidden` let callers project
+  only the positions and vocabulary rows they need (training loss, P("True") scoring)."""
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                 embedding_init=_init((axes.VOCAB, axes.EMBED), stddev=1.0))
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    self.layers = nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+        unroll=1 if cfg.scan_layers else cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg)
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = LMHeadKernel(cfg)
+
+  def hidden_states(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+                    cache: dict | None = None) -> tuple[Array, dict | None]:
+    """Final-norm hidden states [B, T, D] and the updated cache (None without one).
+
+    tokens/positions/segment_ids: int [B, T]. Defaults: positions 0..T-1, one segment (no padding).
+    With a cache, tokens are written at slots [cache["index"], cache["index"] + T).
+    """
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    x = self.embed_tokens(tokens)
+    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    sin, cos = rope_sin_cos(positions, self.config)
+    if cache is None:
+      mask = attention_mask(segment_ids, segment_ids)
+      x, _ = self.layers(x, sin, cos, mask, None, None)
+      return self.final_norm(x), None
+    index = cache["index"]
+    kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32),
+                                                      index, 1)
+    mask = attention_mask(segment_ids, kv_segments, q_offset=index)
+    x, kv = self.layers(x, sin, cos, mask, index, {"k": cache["k"], "v": cache["v"]})
+    new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "index": index + t}
+    return self.final_norm(x), new_cache
+
+  def logits_from_hidden(self, hidden: Array, vocab_ids: Array | None = None) -> Array:
+    """Projects hidden [..., D] to f32 logits [..., V], or only onto the vocabulary rows `vocab_ids` [n]."""
+    if self.config.tie_word_embeddings:
+      table = self.embed_tokens.embedding  # [V, D]
+    else:
+      table = self.lm_head(None).T  # [D, V] -> [V, D]
+    if vocab_ids is not None:
+      table = jnp.take(table, vocab_ids, axis=0)
+    dtype = self.config.dtype
+    logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), table.astype(dtype))
+    if logits.ndim == 3:
+      logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    hidden, _ = self.hidden_states(tokens, positions, segment_ids)
+    return self.logits_from_hidden(hidden)
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+  """An empty KV cache (all slots padding) for `max_length` tokens."""
+  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+  dtype = dtype or config.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_logical_axes() -> dict:
+  """Logical axis names of `init_cache`'s leaves, for sharding a cache like the activations."""
+  kv = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.ACT_KV_HEADS, axes.ACT_HEAD_DIM)
+  return {"k": kv, "v": kv, "segment_ids": (axes.CACHE_BATCH, axes.CACHE_LENGTH), "index": ()}
+
+
+def init_params(config: LlamaConfig, rng: Array) -> dict:
+  """Random parameters (unboxed plain arrays), e.g. for tests or training from scratch."""
+  model = Llama(config)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return nn.unbox(model.init(rng, tokens))["params"]
+
+
+def param_logical_axes(config: LlamaConfig) -> dict:
+  """The logical axis names of every parameter, without allocating any (shape evaluation only)."""
+  model = Llama(config)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  return nn.get_partition_spec(boxed)["params"]
