@@ -22,8 +22,17 @@ from rankrag_jax.model.config import LlamaConfig
 Array = jax.Array
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+  """nn.DenseGeneral unboxes a multi-axis kernel once at its flat 2-D init shape before reshaping it; the
+  constraint only applies at full rank (otherwise init/apply fail whenever a mesh is set, e.g. under jax.set_mesh)."""
+
+  def unbox(self, apply_constraint=True):
+    return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
 def _init(names, stddev=0.02):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+  initializer = nn.initializers.normal(stddev)
+  return lambda *args, **kwargs: _LogicallyPartitioned(initializer(*args, **kwargs), names)
 
 
 class RMSNorm(nn.Module):
