@@ -1,0 +1,155 @@
+"""A retrieval corpus: passages read from JSONL into columns of ids, titles and texts.
+
+The corpus file has one JSON object per line with string fields `id`, `title` and `text` (the format FlashRAG
+and DPR-style wikipedia dumps use). `title` may be empty (SQuAD paragraphs have none); `text` may not. Blank
+lines are skipped. Every other defect stops the read with a `CorpusError` that names `file:line` and the
+field, because a silently dropped passage shifts retrieval results without any visible symptom.
+
+    >>> corpus = read_corpus_jsonl("wiki.jsonl")
+    >>> corpus.ids[0], passage_text(corpus.titles[0], corpus.texts[0])
+"""
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+# Order matters only for error messages: we report the first field that is wrong.
+CORPUS_FIELDS = ("id", "title", "text")
+
+
+class CorpusError(ValueError):
+  """A corpus file (or in-memory corpus) that cannot be used for retrieval."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """Passages in columns: row `i` is (`ids[i]`, `titles[i]`, `texts[i]`).
+
+  Retrieval indexes return row positions; `ids` turns them into the corpus' own passage ids.
+  """
+  ids: tuple[str, ...]
+  titles: tuple[str, ...]
+  texts: tuple[str, ...]
+
+  def __post_init__(self):
+    if not len(self.ids) == len(self.titles) == len(self.texts):
+      raise CorpusError(f"corpus columns differ in length: {len(self.ids)} ids, {len(self.titles)} titles, "
+                        f"{len(self.texts)} texts")
+    if not self.ids:
+      raise CorpusError("the corpus is empty: retrieval needs at least one passage")
+    if len(set(self.ids)) != len(self.ids):
+      seen = set()
+      duplicate = next(i for i in self.ids if i in seen or seen.add(i))
+      raise CorpusError(f"duplicate passage id {duplicate!r}: ids must be unique")
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  def passages(self) -> list[str]:
+    """All passages as models see them (`passage_text` of each row), in row order."""
+    return [passage_text(title, text) for title, text in zip(self.titles, self.texts)]
+
+  def passages_by_id(self, ids: Iterable[str]) -> list[str]:
+    """The passages (as models see them) of the given passage ids, e.g. a row of retrieval results."""
+    row_of = self._row_of_id()
+    missing = [i for i in ids if i not in row_of]
+    if missing:
+      raise KeyError(f"passage ids not in the corpus: {missing[:5]}")
+    return [passage_text(self.titles[row_of[i]], self.texts[row_of[i]]) for i in ids]
+
+  def _row_of_id(self) -> dict[str, int]:
+    # Built on demand and cached on the (frozen) instance; a corpus is read once and searched many times.
+    cached = self.__dict__.get("_row_of_id_cache")
+    if cached is None:
+      cached = {passage_id: row for row, passage_id in enumerate(self.ids)}
+      object.__setattr__(self, "_row_of_id_cache", cached)
+    return cached
+
+
+def passage_text(title: str, text: str) -> str:
+  """How a passage is shown to every model (BM25, the dense encoder, the ranker/generator prompts).
+
+  `"{title}\\n{text}"`, or just `text` when the title is empty. One spelling everywhere, so a passage scores the
+  same whichever stage looks at it.
+  """
+  title = title.strip()
+  return f"{title}\n{text}" if title else text
+
+
+def corpus_from_rows(rows: Sequence[dict], source: str = "<rows>") -> Corpus:
+  """Builds a `Corpus` from dicts with `id`, `title`, `text`, validating each as `read_corpus_jsonl` does.
+
+  `source` names the rows in error messages (row numbers count from 1).
+  """
+  ids, titles, texts = [], [], []
+  for number, row in enumerate(rows, start=1):
+    passage_id, title, text = _validated_row(row, f"{source}:{number}")
+    ids.append(passage_id)
+    titles.append(title)
+    texts.append(text)
+  if not ids:
+    raise CorpusError(f"{source}: the corpus is empty (no passages)")
+  return Corpus(tuple(ids), tuple(titles), tuple(texts))
+
+
+def read_corpus_jsonl(path: str | os.PathLike) -> Corpus:
+  """Reads a corpus JSONL file (`{"id", "title", "text"}` per line) into a `Corpus`.
+
+  Raises:
+    CorpusError: on bad JSON, a missing or non-string field, an empty text or id, a duplicate id, or a file
+      with no passages; the message names `path:line` and the field.
+  """
+  path = os.fspath(path)
+  ids, titles, texts = [], [], []
+  first_line_of_id = {}
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise CorpusError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+      passage_id, title, text = _validated_row(row, where)
+      if passage_id in first_line_of_id:
+        raise CorpusError(f"{where}: field 'id': duplicate id {passage_id!r} (first on line "
+                          f"{first_line_of_id[passage_id]})")
+      first_line_of_id[passage_id] = number
+      ids.append(passage_id)
+      titles.append(title)
+      texts.append(text)
+  if not ids:
+    raise CorpusError(f"{path}: the corpus is empty (no passages); expected one JSON object per line with "
+                      f"fields {list(CORPUS_FIELDS)}")
+  return Corpus(tuple(ids), tuple(titles), tuple(texts))
+
+
+def write_corpus_jsonl(corpus: Corpus, path: str | os.PathLike) -> None:
+  """Writes `corpus` in the format `read_corpus_jsonl` reads."""
+  with open(path, "w", encoding="utf-8") as f:
+    for passage_id, title, text in zip(corpus.ids, corpus.titles, corpus.texts):
+      f.write(json.dumps({"id": passage_id, "title": title, "text": text}, ensure_ascii=False) + "\n")
+
+
+def _validated_row(row, where: str) -> tuple[str, str, str]:
+  """Returns (id, title, text) of one row, or raises a `CorpusError` naming `where` and the field."""
+  if not isinstance(row, dict):
+    raise CorpusError(f"{where}: expected a JSON object with fields {list(CORPUS_FIELDS)}, "
+                      f"got {type(row).__name__}")
+  for field in CORPUS_FIELDS:
+    if field not in row:
+      raise CorpusError(f"{where}: missing field {field!r}")
+  passage_id = row["id"]
+  # Integer ids are common in DPR dumps; they are kept as their decimal string so ids have one type.
+  if isinstance(passage_id, int) and not isinstance(passage_id, bool):
+    passage_id = str(passage_id)
+  if not isinstance(passage_id, str) or not passage_id:
+    raise CorpusError(f"{where}: field 'id' must be a non-empty string or integer, got {row['id']!r}")
+  for field in ("title", "text"):
+    if not isinstance(row[field], str):
+      raise CorpusError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__}")
+  if not row["text"].strip():
+    raise CorpusError(f"{where}: field 'text' is empty")
+  return passage_id, row["title"], row["text"]
