@@ -181,7 +181,7 @@ def test_chat_template_that_drops_content_is_an_error():
 # ------------------------------------------------------------------------------------------ True/False token ids
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-  tokenizer = pytest.importorskip("rankrag_jax.tokenizer")
+  from rankrag_jax import tokenizer
   from rankrag_jax import assets  # pylint: disable=g-import-not-at-top
   return tokenizer.load_tokenizer(assets.asset_file("smollm2_135m_instruct"))
 
