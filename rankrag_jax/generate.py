@@ -1,0 +1,199 @@
+"""Batched KV-cache decoding, jitted end to end: prefill once, then a `lax.while_loop` of one-token steps.
+
+Prompts of different lengths share one batch: they are right-padded to a length bucket, every row gets its own
+positions, and pad slots carry segment id 0 so no query ever attends to them. New tokens are written after the
+bucket (slot `T + step`) while their RoPE position continues the row's own prompt (`length + step`), so a row's
+attention sees exactly its prompt and its own generated tokens, as an unpadded forward pass would.
+
+    >>> new_ids = generate(params, config, [tok.encode(p) for p in prompts], max_new_tokens=32,
+    ...                    stop_ids=tok.stop_ids)
+
+Greedy decoding is the paper's setting (§5.1); temperature / top-p sampling is seeded per row, so a row's sample
+does not depend on which other rows share its batch.
+"""
+
+import functools
+from typing import Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rankrag_jax.model import axes
+from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.model.llama import Llama, init_cache
+
+Array = jax.Array
+
+
+@gin.configurable
+def max_new_tokens_for_task(task: str, open_domain_qa: int = 32, conversational_qa: int = 128,
+                            fever: int = 8) -> int:
+  """The paper's generation budget per task (§5.1): 32 open-domain QA, 128 conversational QA, 8 FEVER."""
+  budgets = {"open_domain_qa": open_domain_qa, "conversational_qa": conversational_qa, "fever": fever}
+  if task not in budgets:
+    raise ValueError(f"unknown generation task {task!r}; known: {sorted(budgets)}")
+  return budgets[task]
+
+
+@gin.configurable
+def length_bucket(length: int, min_bucket: int = 16) -> int:
+  """The smallest of min_bucket * {1, 1.5, 2, 3, 4, 6, ...} that holds `length`: few shapes, <= 1/3 padding."""
+  bucket = min_bucket
+  while True:
+    if length <= bucket:
+      return bucket
+    if length <= bucket * 3 // 2:
+      return bucket * 3 // 2
+    bucket *= 2
+
+
+def data_parallel_size(mesh: Mesh | None) -> int:
+  """How many ways a batch is split on `mesh` (its data and fsdp axes); 1 without a mesh."""
+  if mesh is None:
+    return 1
+  return mesh.shape.get(axes.DATA, 1) * mesh.shape.get(axes.FSDP, 1)
+
+
+def shard_batch(arrays, mesh: Mesh | None):
+  """Places arrays with a leading batch dimension split over the mesh's data-parallel axes (no-op without one)."""
+  if mesh is None or data_parallel_size(mesh) == 1:
+    return arrays
+  batch_axes = tuple(a for a in (axes.DATA, axes.FSDP) if a in mesh.shape)
+
+  def put(x):
+    spec = PartitionSpec(batch_axes, *([None] * (np.ndim(x) - 1)))
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(put, arrays)
+
+
+def _top_p_filter(logits: Array, top_p: Array) -> Array:
+  """Keeps the smallest set of most likely tokens whose probability reaches top_p; others get -inf."""
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # A token stays if the mass strictly before it is below top_p (so the most likely token always stays).
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+  threshold = jnp.min(kept, axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _next_tokens(logits: Array, row_keys: Array, step: Array, temperature: Array, top_p: Array,
+                 sample: bool) -> Array:
+  if not sample:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  filtered = _top_p_filter(logits / temperature, top_p)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+  return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample"))
+def decode_batch(params: dict, config: LlamaConfig, tokens: Array, lengths: Array, stop_ids: Array,
+                 row_keys: Array, temperature: Array, top_p: Array, *, max_new_tokens: int,
+                 sample: bool = False) -> tuple[Array, Array]:
+  """Generates up to `max_new_tokens` tokens for each right-padded prompt row.
+
+  Args:
+    params: model parameters.
+    config: the model's config (static).
+    tokens: int32 [B, T] prompts, right-padded (pad ids are ignored).
+    lengths: int32 [B] real prompt lengths (>= 1).
+    stop_ids: int32 [S] ids that end a row (the stop id itself is emitted and counted).
+    row_keys: [B] PRNG keys, one per row (unused when greedy).
+    temperature, top_p: float32 scalars for sampling.
+    max_new_tokens: the decode budget (static: sizes the KV cache and the output).
+    sample: False for greedy (argmax), True for temperature / top-p sampling.
+
+  Returns:
+    (new_tokens int32 [B, max_new_tokens], num_new int32 [B]); entries past num_new are 0.
+  """
+  model = Llama(config)
+  batch, prompt_len = tokens.shape
+  slots = jnp.arange(prompt_len)
+  positions = jnp.broadcast_to(slots, (batch, prompt_len))
+  segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
+  cache = init_cache(config, batch, prompt_len + max_new_tokens)
+  hidden, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache,
+                              method=Llama.hidden_states)
+  last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  logits = model.apply({"params": params}, last_hidden, method=Llama.logits_from_hidden)
+
+  def keep_going(state):
+    step, _, _, done, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def one_step(state):
+    step, cache, logits, done, new_tokens, num_new = state
+    token = _next_tokens(logits, row_keys, step, temperature, top_p, sample)
+    token = jnp.where(done, 0, token)
+    new_tokens = new_tokens.at[:, step].set(token)
+    num_new = num_new + (~done).astype(jnp.int32)
+    done = done | jnp.isin(token, stop_ids)
+    hidden, cache = model.apply({"params": params}, token[:, None], (lengths + step)[:, None],
+                                jnp.ones((batch, 1), jnp.int32), cache, method=Llama.hidden_states)
+    logits = model.apply({"params": params}, hidden[:, 0], method=Llama.logits_from_hidden)
+    return step + 1, cache, logits, done, new_tokens, num_new
+
+  state = (jnp.zeros((), jnp.int32), cache, logits, jnp.zeros((batch,), bool),
+           jnp.zeros((batch, max_new_tokens), jnp.int32), jnp.zeros((batch,), jnp.int32))
+  _, _, _, _, new_tokens, num_new = jax.lax.while_loop(keep_going, one_step, state)
+  return new_tokens, num_new
+
+
+@gin.configurable(denylist=["params", "config", "prompts", "max_new_tokens", "stop_ids"])
+def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             stop_ids: Sequence[int], temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             batch_size: int = 8, mesh: Mesh | None = None, keep_stop_token: bool = False) -> list[list[int]]:
+  """Continues each prompt (token ids) and returns its new token ids, in the order of `prompts`.
+
+  Args:
+    params, config: the model.
+    prompts: token-id lists (each non-empty).
+    max_new_tokens: at most this many new tokens per prompt (see `max_new_tokens_for_task`).
+    stop_ids: a row stops after emitting one of these (EOS / end-of-turn).
+    temperature: 0 for greedy decoding (the paper's setting); > 0 samples.
+    top_p: nucleus mass kept when sampling.
+    seed: sampling seed; row i always uses key fold_in(seed, i), whatever the batching.
+    batch_size: rows per compiled batch (prompts are grouped by length bucket; short batches are padded).
+    mesh: when given with >1 data-parallel device, batches are split over its data axes.
+    keep_stop_token: whether the returned ids end with the stop id that ended the row.
+
+  Returns:
+    One list of new token ids per prompt.
+  """
+  if not prompts:
+    return []
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("generate: every prompt needs at least one token")
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+  rows_per_batch = -(-batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
+  stop = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
+  base_key = jax.random.key(seed)
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  results: list[list[int]] = [[] for _ in prompts]
+  for start in range(0, len(order), rows_per_batch):
+    rows = order[start:start + rows_per_batch]
+    bucket = length_bucket(max(len(prompts[i]) for i in rows))
+    tokens = np.zeros((rows_per_batch, bucket), np.int32)
+    lengths = np.ones((rows_per_batch,), np.int32)  # padding rows: one pad token, discarded.
+    for r, i in enumerate(rows):
+      tokens[r, :len(prompts[i])] = prompts[i]
+      lengths[r] = len(prompts[i])
+    row_ids = np.asarray(rows + [0] * (rows_per_batch - len(rows)), np.uint32)
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
+    tokens, lengths, row_keys = shard_batch((tokens, lengths, row_keys), mesh)
+    new_tokens, num_new = decode_batch(params, config, tokens, lengths, stop, row_keys,
+                                       jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                                       max_new_tokens=max_new_tokens, sample=temperature > 0)
+    new_tokens, num_new = np.asarray(new_tokens), np.asarray(num_new)
+    stop_set = set(int(s) for s in stop_ids)
+    for r, i in enumerate(rows):
+      ids = new_tokens[r, :num_new[r]].tolist()
+      if ids and ids[-1] in stop_set and not keep_stop_token:
+        ids = ids[:-1]
+      results[i] = ids
+  return results
