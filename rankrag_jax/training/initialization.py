@@ -1,0 +1,82 @@
+"""Where a run's first parameters come from: HF safetensors, a GGUF, a model asset, a previous stage, or random.
+
+`init_checkpoint` (Gin) is one of:
+  None                      random init (tests, from-scratch runs);
+  "smollm2_135m_instruct"   a model asset name (rankrag_jax.assets), loaded by convert.load_model;
+  /path/model.gguf          a GGUF (dequantised);
+  /path/hf_dir              an HF directory (config.json + safetensors);
+  /path/stage1_model_dir    one of our training runs (its `checkpoints/`, the latest step; params only).
+The architecture comes from the checkpoint; numerics (dtype, param_dtype, scan_layers, remat_policy) from the
+Gin model config, which must agree with the checkpoint on every shape.
+"""
+
+import dataclasses
+import pathlib
+
+from absl import logging
+import jax
+
+from rankrag_jax import tokenizer as tokenizer_lib
+from rankrag_jax.model import llama
+from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.training import checkpointing
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "tie_word_embeddings")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+TOKENIZER_SUBDIR = "tokenizer"
+
+
+class InitCheckpointError(ValueError):
+  pass
+
+
+def merge_configs(gin_config: LlamaConfig, checkpoint_config: LlamaConfig, source: str) -> LlamaConfig:
+  """The checkpoint's architecture with the Gin config's numerics; shapes must agree."""
+  mismatched = {f: (getattr(gin_config, f), getattr(checkpoint_config, f)) for f in SHAPE_FIELDS
+                if getattr(gin_config, f) != getattr(checkpoint_config, f)}
+  if mismatched:
+    raise InitCheckpointError(
+        f"init_checkpoint {source} does not match the Gin model config: "
+        + ", ".join(f"{f}: gin {g} vs checkpoint {c}" for f, (g, c) in mismatched.items())
+        + ". Pick the model gin that matches the checkpoint.")
+  merged = dataclasses.replace(checkpoint_config, **{f: getattr(gin_config, f) for f in NUMERICS_FIELDS})
+  others = [f.name for f in dataclasses.fields(LlamaConfig)
+            if f.name not in SHAPE_FIELDS + NUMERICS_FIELDS
+            and getattr(gin_config, f.name) != getattr(checkpoint_config, f.name)]
+  if others:
+    logging.info("init_checkpoint %s: using the checkpoint's %s over the Gin preset's", source, others)
+  return merged
+
+
+def load_initial_params(init_checkpoint: str | None, gin_config: LlamaConfig) -> tuple[LlamaConfig, dict | None, object | None]:
+  """(config, host params or None for random init, tokenizer or None)."""
+  if init_checkpoint is None:
+    return gin_config, None, None
+  source = str(init_checkpoint)
+  if checkpointing.find_checkpoint_directory(source) is not None:
+    config = merge_configs(gin_config, checkpointing.read_checkpoint_config(source), source)
+    _, params = checkpointing.load_params_from_checkpoint(source)
+    return config, params, load_run_tokenizer(source)
+  from rankrag_jax.convert import load as convert_load  # local: reads safetensors/gguf only when asked
+  checkpoint_config, params, tokenizer = convert_load.load_model(source, dtype=gin_config.param_dtype)
+  return merge_configs(gin_config, checkpoint_config, source), params, tokenizer
+
+
+def random_params(config: LlamaConfig, seed: int, param_shardings) -> dict:
+  """Random init, created directly in its shards (no host copy of the whole model)."""
+  init = jax.jit(lambda key: llama.init_params(config, key), out_shardings=param_shardings)
+  return init(jax.random.key(seed))
+
+
+def save_run_tokenizer(tokenizer, model_dir) -> None:
+  """Keeps the run's tokenizer next to its checkpoints, so a later stage can start from the run alone."""
+  if tokenizer is not None and jax.process_index() == 0:
+    tokenizer.save(pathlib.Path(model_dir) / TOKENIZER_SUBDIR)
+
+
+def load_run_tokenizer(model_dir):
+  directory = pathlib.Path(model_dir) / TOKENIZER_SUBDIR
+  if not directory.is_dir():
+    directory = pathlib.Path(model_dir).parent / TOKENIZER_SUBDIR  # given `<model_dir>/checkpoints`
+  return tokenizer_lib.load_tokenizer(directory) if directory.is_dir() else None

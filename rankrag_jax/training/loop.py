@@ -1,0 +1,237 @@
+"""The training loop: init or resume, step, log, evaluate, checkpoint, stop on NaN, export HF weights.
+
+    summary = train()   # every argument from Gin (gin_configs/stage2.gin); see `train`'s docstring
+
+Metrics are fetched from the device every `log_every` steps (not every step, so dispatch runs ahead of the
+host) and always before a checkpoint is written: a checkpoint is only saved after every loss up to its step has
+been seen to be finite, so the newest checkpoint is always a good one.
+"""
+
+import dataclasses
+import pathlib
+import time
+
+from absl import logging
+import gin
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from rankrag_jax import sharding as sharding_lib
+from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.training import checkpointing
+from rankrag_jax.training import data as data_lib
+from rankrag_jax.training import initialization
+from rankrag_jax.training import loss as loss_lib
+from rankrag_jax.training import metrics as metrics_lib
+from rankrag_jax.training import optimizer as optimizer_lib
+from rankrag_jax.training import step as step_lib
+
+TRAIN_POSITION_KEY = "train_batches"
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN/inf loss or gradient norm; the run stopped without saving that state."""
+
+
+@dataclasses.dataclass
+class TrainSummary:
+  model_dir: str
+  checkpoint_dir: str
+  tensorboard_dir: str
+  metrics_file: str
+  hf_export_dir: str | None
+  first_step: int
+  last_step: int
+  initial_eval_loss: float | None = None
+  final_eval_loss: float | None = None
+  final_train_loss: float | None = None
+  wall_seconds: float = 0.0
+
+
+def evaluate(eval_fn, params, batch_fn, *, num_batches: int, batch_size: int, sequence_length: int,
+             seed: int, data_shardings) -> dict:
+  """Mean answer-token loss and accuracy over the first `num_batches` held-out batches (the same every time)."""
+  source = batch_fn(split="validation", batch_size=batch_size, sequence_length=sequence_length,
+                    shard_id=jax.process_index(), num_shards=jax.process_count(), seed=seed, start_batch=0)
+  totals = loss_lib.zero_sums()
+  seen = 0
+  for _ in range(num_batches):
+    try:
+      local = next(source)
+    except StopIteration:
+      break
+    sums = eval_fn(params, data_lib.global_batch(local, data_shardings))
+    totals = jax.tree.map(lambda a, b: a + b, totals, sums)
+    seen += 1
+  totals = jax.device_get(totals)
+  weight = max(float(totals[loss_lib.WEIGHT_SUM]), 1e-8)
+  return {"eval/loss": float(totals[loss_lib.LOSS_SUM]) / weight,
+          "eval/accuracy": float(totals[loss_lib.CORRECT_SUM]) / weight, "eval/loss_tokens": weight,
+          "eval/batches": seen}
+
+
+@gin.configurable
+def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRED,
+          total_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED, sequence_length: int = gin.REQUIRED,
+          init_checkpoint: str | None = None, batch_fn=data_lib.blend_batches, seed: int = 0,
+          num_micro_batches: int = 1, max_loss_positions: int | None = None, log_every: int = 10,
+          eval_every: int | None = None, eval_batches: int = 4, eval_batch_size: int | None = None,
+          eval_at_start: bool = True, peak_flops_per_device: float = 160e9, export_hf: bool = True,
+          progress_bar: bool = True) -> TrainSummary:
+  """Trains `model_config` for `total_steps` optimizer steps of `batch_size` packed rows of `sequence_length`.
+
+  Resumes from the newest checkpoint in `<model_dir>/checkpoints` when there is one (params, optimizer state,
+  step, RNG, data position), else starts from `init_checkpoint` (see training/initialization.py).
+
+  Args:
+    model_dir: run directory: checkpoints/, tensorboard/, metrics.jsonl, tokenizer/, hf/ (the export).
+    model_config: the model preset (Gin: `@smollm2_135m()`); architecture from init_checkpoint when given.
+    total_steps, batch_size, sequence_length: optimizer steps; global rows per step; packed row length.
+    init_checkpoint: None (random) | asset name | .gguf | HF dir | a previous run's model_dir.
+    batch_fn: the batch source (training/data.py): `@blend_batches` or `@synthetic_batches`.
+    seed: data order, random init and the RNG carried in the state.
+    num_micro_batches: gradient accumulation: the step scans over this many slices of the batch.
+    max_loss_positions: answer positions per row given to the LM head (None: all T; see training/loss.py).
+    log_every: fetch metrics, write them and check for NaN every this many steps.
+    eval_every, eval_batches, eval_batch_size, eval_at_start: held-out ("validation") loss: every `eval_every`
+      steps, at the end, and before the first step; over the same first `eval_batches` batches each time.
+    peak_flops_per_device: for MFU (CPU default measured on this machine's matmul; TPU v5p 459e12 bf16).
+    export_hf: write `<model_dir>/hf` (transformers-loadable) at the end.
+  """
+  start_time = time.time()
+  model_dir = pathlib.Path(model_dir)
+  hosts, host = jax.process_count(), jax.process_index()
+  if batch_size % hosts:
+    raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts ({hosts})")
+  host_batch = batch_size // hosts
+  mesh, rules = sharding_lib.make_mesh(), sharding_lib.logical_axis_rules()
+  checkpointer = checkpointing.Checkpointer(model_dir / checkpointing.CHECKPOINTS_SUBDIR)
+  resume_step = checkpointer.latest_step()
+
+  # The architecture is the init checkpoint's (or the resumed run's); numerics are Gin's.
+  tokenizer, init_params = None, None
+  if resume_step is not None:
+    config = initialization.merge_configs(model_config, checkpointing.read_checkpoint_config(model_dir),
+                                          str(model_dir))
+    tokenizer = initialization.load_run_tokenizer(model_dir)
+  else:
+    config, init_params, tokenizer = initialization.load_initial_params(init_checkpoint, model_config)
+
+  schedule = optimizer_lib.learning_rate_schedule()
+  optimizer = optimizer_lib.make_optimizer(schedule)
+  step_fn, state_shardings, data_shardings, abstract_state = step_lib.jit_train_step(
+      config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
+      num_micro_batches=num_micro_batches)
+  eval_fn = step_lib.jit_eval_step(config, mesh, rules, state_shardings["params"],
+                                   max_loss_positions=max_loss_positions)
+
+  with step_lib.sharding_context(mesh, rules):
+    if resume_step is not None:
+      state, data_position = checkpointer.restore(abstract_state, resume_step)
+      logging.info("resumed from step %d (data position %s)", resume_step, data_position)
+    else:
+      if init_params is None:
+        params = initialization.random_params(config, seed, state_shardings["params"])
+      else:
+        params = jax.device_put(init_params, state_shardings["params"])
+        del init_params
+      new_state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, seed),
+                          in_shardings=(state_shardings["params"],), out_shardings=state_shardings)
+      state, data_position = new_state(params), {TRAIN_POSITION_KEY: 0}
+      checkpointer.write_config(config)
+      initialization.save_run_tokenizer(tokenizer, model_dir)
+  first_step = int(jax.device_get(state["step"]))
+  source = batch_fn(split="train", batch_size=host_batch, sequence_length=sequence_length, shard_id=host,
+                    num_shards=hosts, seed=seed, start_batch=data_position[TRAIN_POSITION_KEY])
+  writer = metrics_lib.MetricsWriter(model_dir, total_steps, first_step, progress_bar=progress_bar)
+  flops_per_token = config.flops_per_token(sequence_length, training=True)
+  tokens_per_step = batch_size * sequence_length
+  summary = TrainSummary(str(model_dir), str(checkpointer.directory), str(model_dir / "tensorboard"),
+                         str(model_dir / "metrics.jsonl"), None, first_step, first_step)
+  run_eval = lambda: evaluate(eval_fn, state["params"], batch_fn, num_batches=eval_batches,  # noqa: E731
+                              batch_size=(eval_batch_size or batch_size) // hosts,
+                              sequence_length=sequence_length, seed=seed, data_shardings=data_shardings)
+  writer.message(f"Training {config.num_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
+                 f"({jax.device_count()} {jax.devices()[0].platform} devices, {hosts} host(s)): steps "
+                 f"{first_step} -> {total_steps}, {batch_size} x {sequence_length} tokens/step. Run dir: {model_dir}")
+  try:
+    with step_lib.sharding_context(mesh, rules):
+      if eval_at_start and first_step == 0 and eval_batches:
+        result = run_eval()
+        summary.initial_eval_loss = result["eval/loss"]
+        writer.write(0, result)
+        writer.message(f"step 0: held-out loss {result['eval/loss']:.4f}")
+      pending, warned_dropped = [], False
+      interval_start, interval_steps = time.time(), 0
+      for step in range(first_step, total_steps):
+        state, step_metrics = step_fn(state, data_lib.global_batch(next(source), data_shardings))
+        pending.append((step + 1, step_metrics))
+        interval_steps += 1
+        if step == first_step:  # the first call compiles: keep it out of tokens/s and MFU.
+          jax.block_until_ready(step_metrics)
+          writer.message(f"first step (compile + run) took {time.time() - interval_start:.1f}s")
+          interval_start, interval_steps = time.time(), 0
+        done = step + 1 == total_steps
+        save_due = (step + 1) % checkpointer.save_every_steps == 0 or done
+        if not (save_due or done or (step + 1) % log_every == 0):
+          continue
+        # Fetch, check and write the steps since the last flush.
+        rows = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in pending]
+        pending = []
+        seconds = time.time() - interval_start
+        throughput = {}
+        if interval_steps:
+          tokens_per_second = interval_steps * tokens_per_step / max(seconds, 1e-9)
+          throughput = {"tokens_per_second": tokens_per_second, "seconds_per_step": seconds / interval_steps,
+                        "mfu": metrics_lib.mfu(tokens_per_second, flops_per_token, peak_flops_per_device,
+                                               jax.device_count())}
+        interval_start, interval_steps = time.time(), 0
+        for row in rows:
+          writer.write(row["step"], {k: v for k, v in row.items() if k != "step"} | throughput)
+        bad = metrics_lib.first_non_finite(rows)
+        if bad is not None:
+          checkpointer.wait()
+          good = checkpointer.latest_step()
+          raise NonFiniteLossError(
+              f"non-finite training loss at step {bad['step']} (loss={bad['loss']}, grad_norm={bad['grad_norm']}); "
+              f"stopping without saving. The last good checkpoint is "
+              + (f"step {good} in {checkpointer.directory}" if good is not None else "none (no step was saved)")
+              + "; lower the learning rate or inspect the data at that step before resuming.")
+        if not warned_dropped and any(row[loss_lib.DROPPED] for row in rows):
+          warned_dropped = True
+          writer.message(f"warning: some rows have more than max_loss_positions={max_loss_positions} answer "
+                         "tokens; the surplus is left out of the loss (see training/loss.py). Raise it.")
+        last = rows[-1]
+        summary.final_train_loss, summary.last_step = last["loss"], last["step"]
+        writer.advance(step + 1, {"loss": last["loss"], "acc": last["accuracy"], "lr": last["learning_rate"],
+                                  **({"tok/s": throughput["tokens_per_second"]} if throughput else {})})
+        if eval_batches and (done or (eval_every and (step + 1) % eval_every == 0)):
+          result = run_eval()
+          summary.final_eval_loss = result["eval/loss"]
+          writer.write(step + 1, result)
+          writer.message(f"step {step + 1}: held-out loss {result['eval/loss']:.4f}")
+        if save_due:
+          checkpointer.save(step + 1, state, {TRAIN_POSITION_KEY: source.position})
+      checkpointer.wait()
+      if export_hf:
+        summary.hf_export_dir = str(export_hf_checkpoint(model_dir / "hf", config, state["params"], tokenizer))
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  summary.wall_seconds = time.time() - start_time
+  return summary
+
+
+def export_hf_checkpoint(directory: pathlib.Path, config: LlamaConfig, params: dict, tokenizer) -> pathlib.Path:
+  """Gathers the (sharded) params to host 0 and writes an HF directory there."""
+  from rankrag_jax.convert import hf  # local: safetensors, only at export time
+  if jax.process_count() > 1:  # every host takes part in the gather; only host 0 writes.
+    host_params = jax.tree.map(np.asarray, multihost_utils.process_allgather(params))
+  else:
+    host_params = jax.device_get(params)
+  if jax.process_index() == 0:
+    hf.save_hf_checkpoint(directory, config, host_params, tokenizer)
+  multihost_utils.sync_global_devices("hf_export")
+  return directory

@@ -1,0 +1,83 @@
+"""Training metrics out: TensorBoard (tensorboardX), a JSON-lines log and a tqdm progress bar, on host 0 only.
+
+`metrics.jsonl` has one line per step (`{"step": 12, "loss": ..., ...}`) and one per evaluation
+(`{"step": 12, "eval/loss": ...}`); tests and scripts read it without TensorBoard. A resumed run appends, so a
+step recomputed after a crash appears twice: the later line is the one that counts.
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import tqdm
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops_per_device: float, num_devices: int) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s (6·N per token + attention) over the devices' peak."""
+  return tokens_per_second * flops_per_token / (peak_flops_per_device * num_devices)
+
+
+def first_non_finite(rows: list[dict], keys=("loss", "grad_norm")) -> dict | None:
+  for row in rows:
+    if any(key in row and not math.isfinite(row[key]) for key in keys):
+      return row
+  return None
+
+
+class MetricsWriter:
+  """Writes scalars per step; silent on hosts other than 0 (every host computes the same global metrics)."""
+
+  def __init__(self, log_dir, total_steps: int, initial_step: int, progress_bar: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.log_dir = pathlib.Path(log_dir)
+    self._tensorboard = self._jsonl = self._bar = None
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter  # local: the import is slow and only host 0 needs it
+    self.log_dir.mkdir(parents=True, exist_ok=True)
+    self._tensorboard = SummaryWriter(str(self.log_dir / "tensorboard"))
+    self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+    if progress_bar:
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    for name, value in scalars.items():
+      self._tensorboard.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+
+  def advance(self, step: int, postfix: dict) -> None:
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+
+  def message(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._jsonl.close()
+
+
+def read_metrics(model_dir) -> list[dict]:
+  """metrics.jsonl rows, a recomputed step's later line replacing the earlier one (per step and kind)."""
+  rows = {}
+  path = pathlib.Path(model_dir) / "metrics.jsonl"
+  for line in path.read_text().splitlines():
+    row = json.loads(line)
+    kind = "eval" if any(k.startswith("eval/") for k in row) else "train"
+    rows[(kind, row["step"])] = row
+  return [rows[key] for key in sorted(rows, key=lambda k: (k[1], k[0]))]
