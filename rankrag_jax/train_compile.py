@@ -1,0 +1,344 @@
+"""Ahead-of-time compile of the Stage-II train step and the P("True") scoring kernel for a TPU slice.
+
+    python -m rankrag_jax.train_compile --gin_file=gin_configs/stage2.gin \
+        --gin_file=gin_configs/models/llama3_8b.gin --gin_file=gin_configs/meshes/tpu_v5p_128.gin \
+        --topology=v5p:4x4x4
+
+Runs on a CPU machine: with `libtpu` installed, `jax.experimental.topologies` gives compile-only devices of the
+named slice; the train step `train` runs (`training.step.jit_train_step`) and the scoring kernel `rerank` runs
+(`rerank.score_token_batch`) are lowered with abstract (ShapeDtypeStruct) arguments that carry the Gin mesh's
+NamedShardings, and XLA's TPU compiler reports per-chip memory and its cost model's step time. Nothing is
+materialised, so a 70B model compiles on a 24 GiB machine. (MaxText's `train_compile.py` idea.)
+
+Two compiles per program:
+  * the program as configured (layers scanned, remat as set): its `memory_analysis()` is the per-chip HBM figure.
+  * the same program with 1 and with 2 layers, unrolled: XLA's `cost_analysis()` counts a while loop's body once,
+    whatever its trip count, so the scanned program's FLOPs and time estimate cover one layer. Every layer is
+    identical, so cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)) is exact up to fusion noise (the test checks
+    it against a 3-layer unrolled compile to 1%).
+
+A bad mesh (axis sizes that don't fill the slice, a rule naming an absent axis, a dimension that doesn't divide)
+raises `sharding.MeshError` before anything is traced.
+"""
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import inspect
+import os
+import time
+
+from absl import app
+from absl import flags
+import gin
+import jax
+from jax.experimental import topologies
+import jax.numpy as jnp
+
+from rankrag_jax import rerank
+from rankrag_jax import train as train_cli
+from rankrag_jax import sharding
+from rankrag_jax.model import axes
+from rankrag_jax.model import llama
+from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.training import loop
+from rankrag_jax.training import optimizer as optimizer_lib
+from rankrag_jax.training import step as step_lib
+
+_GIB = 2**30
+
+# Paper Stage II (rankrag_facts.md §4): 3,300 steps of 64 sequences.
+STAGE2_STEPS = 3300
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+  name: str
+  hbm_bytes: int
+  peak_bf16_flops: float  # per chip, dense
+
+
+# Public Cloud TPU per-chip figures (HBM, peak dense bf16 FLOP/s).
+CHIPS = {
+    "v4": ChipSpec("TPU v4", 32 * _GIB, 275e12),
+    "v5e": ChipSpec("TPU v5e", 16 * _GIB, 197e12),
+    "v5p": ChipSpec("TPU v5p", 95 * _GIB, 459e12),
+    "v6e": ChipSpec("TPU v6e", 32 * _GIB, 918e12),
+}
+
+
+def chip_spec(topology: str) -> ChipSpec:
+  generation = topology.split(":")[0].lower()
+  if generation not in CHIPS:
+    raise ValueError(f"unknown TPU generation in topology {topology!r}; known: {sorted(CHIPS)} "
+                     f"(write e.g. v5p:4x4x4)")
+  return CHIPS[generation]
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+  """Compile-only devices of a TPU slice, e.g. "v5p:4x4x4" (64 chips: Cloud TPU "v5p-128")."""
+  chip_spec(topology)
+  # Compile-only devices never touch a TPU, so this process need not hold libtpu's one-process lockfile (which
+  # any other process that loaded libtpu, e.g. a plain `jax.devices()`, may be holding).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  except RuntimeError as e:  # no libtpu, or a topology name libtpu does not know
+    raise RuntimeError(f"cannot describe TPU topology {topology!r}: {e}. Needs the libtpu wheel that matches "
+                       f"jax {jax.__version__} (pip install 'jax[tpu]=={jax.__version__}').") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A jitted function and abstract, sharded arguments: what gets lowered and compiled."""
+  jitted: Callable  # has .lower(*abstract_args)
+  abstract_args: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A program family: `build(config)` gives the program for a model config (so it can vary num_layers)."""
+  name: str
+  kind: str  # "train" | "score"
+  config: LlamaConfig
+  build: Callable[[LlamaConfig], Program]
+  rows: int  # sequences (train) or passages (score) per call
+  tokens_per_row: int
+  model_flops: float  # per call, all chips
+  model_flops_formula: str
+  description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledFigures:
+  """XLA's per-chip figures for one workload, plus what follows from them."""
+  workload: Workload
+  mesh_shape: dict
+  num_chips: int
+  chip: ChipSpec
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  xla_flops_per_chip: float  # layer-extrapolated, see module docstring
+  estimated_seconds: float   # layer-extrapolated XLA cost-model time of one call
+  compile_seconds: float
+
+  @property
+  def peak_bytes(self) -> int:
+    """Live HBM at peak: inputs, outputs not aliased onto donated inputs, scratch, code."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.peak_bytes <= self.chip.hbm_bytes
+
+  @property
+  def xla_flops(self) -> float:
+    return self.xla_flops_per_chip * self.num_chips
+
+  @property
+  def mfu(self) -> float:
+    """Model FLOPs utilisation implied by XLA's time estimate."""
+    return self.workload.model_flops / (self.estimated_seconds * self.num_chips * self.chip.peak_bf16_flops)
+
+  @property
+  def stage2_hours(self) -> float:
+    return STAGE2_STEPS * self.estimated_seconds / 3600
+
+  @property
+  def passages_per_second_per_chip(self) -> float:
+    return self.workload.rows / self.estimated_seconds / self.num_chips
+
+
+def _compile(program: Program, mesh, rules):
+  with step_lib.sharding_context(mesh, rules):
+    return program.jitted.lower(*program.abstract_args).compile()
+
+
+def _cost(compiled) -> tuple[float, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", 0.0))
+
+
+def layer_extrapolated_cost(workload: Workload, mesh, rules) -> tuple[float, float]:
+  """(FLOPs per chip, estimated seconds) of the workload at its num_layers, from unrolled 1- and 2-layer compiles."""
+  costs = []
+  for layers in (1, 2):
+    config = dataclasses.replace(workload.config, num_layers=layers, scan_layers=False)
+    costs.append(_cost(_compile(workload.build(config), mesh, rules)))
+  (flops1, secs1), (flops2, secs2) = costs
+  extra = workload.config.num_layers - 1
+  return flops1 + extra * (flops2 - flops1), secs1 + extra * (secs2 - secs1)
+
+
+def compile_workload(workload: Workload, mesh, chip: ChipSpec, rules) -> CompiledFigures:
+  start = time.perf_counter()
+  compiled = _compile(workload.build(workload.config), mesh, rules)
+  memory = compiled.memory_analysis()
+  flops_per_chip, seconds = layer_extrapolated_cost(workload, mesh, rules)
+  return CompiledFigures(
+      workload=workload, mesh_shape=dict(mesh.shape), num_chips=mesh.size, chip=chip,
+      argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+      alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+      code_bytes=memory.generated_code_size_in_bytes, xla_flops_per_chip=flops_per_chip,
+      estimated_seconds=seconds, compile_seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The workloads: train's step and rerank's kernel, given abstract sharded inputs.
+
+def _attention_flops(config: LlamaConfig, query_tokens: float, mean_keys: float) -> float:
+  """Forward QK^T and AV FLOPs: 2 matmuls x 2 FLOPs x heads x head_dim per (query, key) pair, per layer."""
+  return 4 * config.num_heads * config.head_dim * config.num_layers * query_tokens * mean_keys
+
+
+def stage2_train_settings() -> dict:
+  """`loop.train`'s arguments as the parsed Gin config binds them (its defaults where unbound)."""
+  settings = {name: p.default for name, p in inspect.signature(loop.train).parameters.items()}
+  settings.update(gin.get_bindings(loop.train))
+  return settings
+
+
+def stage2_train_workload(mesh, rules) -> Workload:
+  """`training.step.jit_train_step` on abstract state and a packed [batch_size, sequence_length] batch.
+
+  Built exactly as `loop.train` builds it: the model config, batch, sequence length, micro-batches and loss
+  positions from its Gin bindings; the optimizer from `optimizer.make_optimizer(learning_rate_schedule())`.
+  (`loop.train` takes the architecture from the init checkpoint; the presets carry the same numbers.)
+  """
+  settings = stage2_train_settings()
+  config, batch_size, seq_len = settings["model_config"], settings["batch_size"], settings["sequence_length"]
+  max_loss_positions, num_micro_batches = settings["max_loss_positions"], settings["num_micro_batches"]
+  schedule = optimizer_lib.learning_rate_schedule()
+  optimizer = optimizer_lib.make_optimizer(schedule)
+
+  def build(config: LlamaConfig) -> Program:
+    step_fn, _, data_shardings, abstract_state = step_lib.jit_train_step(
+        config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
+        num_micro_batches=num_micro_batches)
+    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data_shardings[key])
+             for key in step_lib.BATCH_KEYS}
+    sharding.check_divisible(batch, data_shardings, what="batch feature")
+    return Program(step_fn, (abstract_state, batch))
+
+  tokens = batch_size * seq_len
+  loss_positions = min(max_loss_positions or seq_len, seq_len)
+  return Workload(
+      name="train_step", kind="train", config=config, build=build, rows=batch_size, tokens_per_row=seq_len,
+      model_flops=config.flops_per_token(seq_len, training=True) * tokens,
+      model_flops_formula="6·N·tokens + causal attention",
+      description=(f"Stage-II train step: {config.num_params / 1e9:.2f}B params in "
+                   f"{jnp.dtype(config.param_dtype).name}, compute {jnp.dtype(config.dtype).name}, AdamW f32 "
+                   f"moments, remat={config.remat_policy}, scan_layers={config.scan_layers}, batch {batch_size} x "
+                   f"{seq_len}, LM head on {loss_positions} positions/row, {num_micro_batches} micro-batch(es)"))
+
+
+@gin.configurable
+def score_workload(mesh, rules, rows_per_data_shard: int = 64,
+                   prefix_len: int = 64, suffix_len: int = 256) -> Workload:
+  """`rerank.score_token_batch` in bf16: a shared-prefix KV cache (the system turn) + a batch of suffixes.
+
+  Defaults: a 100-word passage + the ranking question and instructions is ~190 tokens (bucket 256); the ChatQA
+  system turn ~50 (bucket 64). The batch is `rows_per_data_shard` x the mesh's data-parallel ways. The model is
+  `loop.train`'s (Gin `MODEL_CONFIG`), in bf16 as served.
+  """
+  model_config = stage2_train_settings()["model_config"]
+  config = dataclasses.replace(model_config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy="none")
+  data_ways = mesh.shape.get(axes.DATA, 1) * mesh.shape.get(axes.FSDP, 1)
+  rows = rows_per_data_shard * data_ways
+  row_sharding = sharding.data_sharding(mesh, rules, ndim=2)
+  # The batch-1 prefix cache is replicated over the data axes (its kv heads still follow the tensor rule).
+  cache_rules = ((axes.CACHE_BATCH, None),) + tuple(r for r in rules if r[0] != axes.CACHE_BATCH)
+  replicated = sharding.replicated(mesh)
+
+  def build(config: LlamaConfig) -> Program:
+    param_shapes = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
+    param_shardings = sharding.logical_to_sharding(llama.param_logical_axes(config), mesh, rules)
+    sharding.check_divisible(param_shapes, param_shardings)
+    cache_shapes = jax.eval_shape(lambda: llama.init_cache(config, 1, prefix_len))
+    cache_shardings = sharding.logical_to_sharding(llama.cache_logical_axes(), mesh, cache_rules)
+    sharding.check_divisible(cache_shapes, cache_shardings, what="prefix cache")
+    tokens = jax.ShapeDtypeStruct((rows, suffix_len), jnp.int32, sharding=row_sharding)
+    sharding.check_divisible(tokens, row_sharding, what="token batch")
+    abstract = lambda shapes, shardings: jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    args = (abstract(param_shapes, param_shardings), config, abstract(cache_shapes, cache_shardings),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), tokens,
+            jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.data_sharding(mesh, rules, ndim=1)),
+            jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated))
+    return Program(rerank.score_token_batch, args)
+
+  n_matmul = config.flops_per_token(0, training=False) / 2  # matmul params, LM head included
+  head = config.hidden_size * config.vocab_size
+  model_flops = (2 * (n_matmul - head) * rows * suffix_len + 2 * head * rows
+                 + _attention_flops(config, rows * suffix_len, prefix_len + suffix_len / 2))
+  return Workload(
+      name="score_passages", kind="score", config=config, build=build, rows=rows, tokens_per_row=suffix_len,
+      model_flops=model_flops,
+      model_flops_formula="2·N·suffix tokens + causal attention over prefix+suffix, LM head at 1 position/row",
+      description=(f"P(\"True\") scoring kernel (rerank.score_token_batch), bf16: {rows} passages x {suffix_len} "
+                   f"suffix tokens after a shared {prefix_len}-token prefix cache"))
+
+
+@gin.configurable
+def compile_for_topology(topology: str, score: bool = True) -> list[CompiledFigures]:
+  """Compiles the train step (and the scoring kernel) for `topology`, printing and returning their figures.
+
+  The mesh and logical-axis rules come from Gin (`make_mesh.*`, `logical_axis_rules.overrides`) exactly as
+  `train` builds them, but over the slice's compile-only devices; mesh errors raise before any tracing.
+  """
+  chip = chip_spec(topology)
+  mesh = sharding.make_mesh(devices=topology_devices(topology))
+  rules = sharding.logical_axis_rules()
+  sharding.validate_rules(mesh, rules)
+  workloads = [stage2_train_workload(mesh, rules)]
+  if score:
+    workloads.append(score_workload(mesh, rules))
+  figures = []
+  for workload in workloads:
+    figures.append(compile_workload(workload, mesh, chip, rules))
+    print(format_figures(figures[-1]), flush=True)
+  return figures
+
+
+def format_figures(fig: CompiledFigures) -> str:
+  gib = lambda b: f"{b / _GIB:.2f} GiB"
+  work = fig.workload
+  lines = [
+      f"== {work.name}: {work.description}",
+      f"   mesh {fig.mesh_shape} on {fig.num_chips} x {fig.chip.name} (compiled in {fig.compile_seconds:.0f} s)",
+      f"   per-chip HBM: arguments {gib(fig.argument_bytes)}, outputs {gib(fig.output_bytes)} "
+      f"(aliased to donated inputs {gib(fig.alias_bytes)}), temp {gib(fig.temp_bytes)}, code {gib(fig.code_bytes)}",
+      f"   peak {gib(fig.peak_bytes)} of {gib(fig.chip.hbm_bytes)} HBM "
+      f"({100 * fig.peak_bytes / fig.chip.hbm_bytes:.0f}%): {'FITS' if fig.fits else 'DOES NOT FIT'}",
+      f"   FLOPs per call: XLA {fig.xla_flops:.4g}; model {work.model_flops:.4g} ({work.model_flops_formula}); "
+      f"XLA/model = {fig.xla_flops / work.model_flops:.3f}",
+      f"   XLA estimated time per call {fig.estimated_seconds * 1e3:.1f} ms -> MFU {100 * fig.mfu:.1f}% "
+      f"(of {fig.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip)",
+  ]
+  if work.kind == "train":
+    lines.append(f"   Stage II ({STAGE2_STEPS} steps x batch {work.rows} x {work.tokens_per_row} tokens): "
+                 f"{fig.stage2_hours:.2f} h on this slice ({fig.stage2_hours * fig.num_chips:.0f} chip-hours)")
+  else:
+    lines.append(f"   scoring: {fig.passages_per_second_per_chip:,.0f} passages/s per chip "
+                 f"({fig.passages_per_second_per_chip * fig.num_chips:,.0f} on the slice)")
+  return "\n".join(lines)
+
+
+# --gin_file, --gin_bindings, --gin_search_paths are train's own flags (rankrag_jax/train.py), parsed the same way.
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU slice: v5p:2x4x4 (v5p-64, 32 chips), v5p:4x4x4 "
+                                "(v5p-128, 64 chips), v5p:4x4x8 (v5p-256, 128 chips).")
+_SCORE = flags.DEFINE_bool("score", True, "Also compile the P(\"True\") scoring kernel.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are the topology's
+  train_cli.parse_gin(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings, flags.FLAGS.gin_search_paths)
+  compile_for_topology(_TOPOLOGY.value, score=_SCORE.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+"""AOT compiles for a Cloud TPU slice from this CPU (needs the libtpu wheel; skipped without it).
+
+Small models on v5p:2x2x1 (4 chips), so a sharding or Gin break that only shows on TPU fails CI in seconds.
+The 8B/70B figures take minutes each and live in experiments/tpu/README.md, not here.
+"""
+
+import dataclasses
+
+import gin
+import pytest
+
+pytest.importorskip("libtpu")
+
+from rankrag_jax import sharding  # noqa: E402
+from rankrag_jax import train as train_cli  # noqa: E402
+from rankrag_jax import train_compile  # noqa: E402
+from rankrag_jax.model import config as config_lib  # noqa: E402
+
+TOPOLOGY = "v5p:2x2x1"
+
+# train's own Gin files (so a Gin break shows here), the tiny model, a (data 1, fsdp 2, tensor 2) mesh.
+GIN_FILES = ["gin_configs/stage2.gin", "gin_configs/models/tiny.gin"]
+TINY_BINDINGS = [
+    "BATCH_SIZE = 8",
+    "SEQUENCE_LENGTH = 64",
+    "MAX_LOSS_POSITIONS = 16",
+    "sharding.make_mesh.data = 1",
+    "sharding.make_mesh.fsdp = 2",
+    "sharding.make_mesh.tensor = 2",
+    "score_workload.rows_per_data_shard = 2",
+    "score_workload.prefix_len = 16",
+    "score_workload.suffix_len = 32",
+]
+
+
+@pytest.fixture
+def bind():
+  """Parses train's Gin files + TINY_BINDINGS + `extra` as `train` does; clears the config afterwards."""
+  def parse(*extra):
+    gin.clear_config()
+    train_cli.parse_gin(GIN_FILES, TINY_BINDINGS + list(extra))
+  yield parse
+  gin.clear_config()
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Fails the test if anything reaches XLA: mesh errors must come first."""
+  def refuse(*_):
+    raise AssertionError("compiled before the mesh error was raised")
+  monkeypatch.setattr(train_compile, "_compile", refuse)
+
+
+def _mesh_and_rules():
+  mesh = sharding.make_mesh(devices=train_compile.topology_devices(TOPOLOGY))
+  rules = sharding.logical_axis_rules()
+  return mesh, rules
+
+
+def test_tiny_train_step_and_scoring_kernel_compile_for_v5p_slice(bind):
+  bind()
+  mesh, rules = _mesh_and_rules()
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
+  chip = train_compile.chip_spec(TOPOLOGY)
+  for workload in (train_compile.stage2_train_workload(mesh, rules), train_compile.score_workload(mesh, rules)):
+    compiled = train_compile._compile(workload.build(workload.config), mesh, rules)
+    memory = compiled.memory_analysis()
+    assert 0 < memory.argument_size_in_bytes + memory.temp_size_in_bytes < chip.hbm_bytes
+    if workload.kind == "train":
+      assert memory.alias_size_in_bytes > 0  # the donated state is updated in place
+      state = workload.build(workload.config).abstract_args[0]
+      q_proj = state["params"]["layers"]["attn"]["q_proj"]["kernel"]
+      assert tuple(q_proj.sharding.spec) == (None, "fsdp", "tensor", None)  # [layers, embed, heads, head_dim]
+      assert state["opt_state"][1][0].mu["layers"]["attn"]["q_proj"]["kernel"].sharding == q_proj.sharding
+
+
+def test_mesh_that_does_not_fill_the_slice_fails_before_compiling(bind, no_compile):
+  bind("sharding.make_mesh.fsdp = 4")  # 1 x 4 x 2 = 8 slots on a 4-chip slice
+  with pytest.raises(sharding.MeshError, match="8 slots but there are 4 devices"):
+    train_compile.compile_for_topology(TOPOLOGY)
+
+
+def test_rule_naming_an_absent_mesh_axis_fails_before_compiling(bind, no_compile):
+  bind("sharding.logical_axis_rules.overrides = (('mlp', 'expert'),)")
+  with pytest.raises(sharding.MeshError, match=r"'mlp' -> 'expert' names mesh axes \['expert'\]"):
+    train_compile.compile_for_topology(TOPOLOGY)
+
+
+def test_dimension_not_divisible_by_its_mesh_axes_fails_before_compiling(bind, no_compile):
+  bind("sharding.make_mesh.fsdp = 1", "sharding.make_mesh.tensor = 4")  # tiny has 2 KV heads, sharded over tensor = 4
+  with pytest.raises(sharding.MeshError, match="k_proj.*does not divide"):
+    train_compile.compile_for_topology(TOPOLOGY)
+
+
+def test_batch_not_divisible_by_data_parallel_ways_fails_before_compiling(bind, no_compile):
+  bind("BATCH_SIZE = 3")
+  with pytest.raises(sharding.MeshError, match="batch feature.*dimension 3"):
+    train_compile.compile_for_topology(TOPOLOGY)
+
+
+@gin.configurable
+def matmul_bound_model(**overrides):
+  """Wide enough that matmuls dominate elementwise work, small enough to compile in seconds."""
+  config = config_lib.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=3,
+                                  num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0,
+                                  max_position_embeddings=256)
+  return dataclasses.replace(config, **overrides)
+
+
+def test_xla_flops_per_step_match_6n_tokens_plus_attention(bind):
+  bind("MODEL_CONFIG = @matmul_bound_model()", "MAX_LOSS_POSITIONS = None")
+  mesh, rules = _mesh_and_rules()
+  workload = train_compile.stage2_train_workload(mesh, rules)
+  flops_per_chip, seconds = train_compile.layer_extrapolated_cost(workload, mesh, rules)
+  assert seconds > 0
+  xla_flops = flops_per_chip * mesh.size
+  assert xla_flops == pytest.approx(workload.model_flops, rel=0.10)
+  # The 1-and-2-layer extrapolation to 3 layers equals the 3-layer unrolled compile.
+  unrolled = dataclasses.replace(workload.config, scan_layers=False)
+  direct_flops, _ = train_compile._cost(train_compile._compile(workload.build(unrolled), mesh, rules))
+  assert flops_per_chip == pytest.approx(direct_flops, rel=0.01)
