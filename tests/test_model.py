@@ -1,0 +1,173 @@
+"""The Flax Llama's own contracts on a tiny config: KV cache, padding, packing, scan, remat, tied head, RoPE."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rankrag_jax.model import config as config_lib
+from rankrag_jax.model import llama
+
+ATOL = 1e-5
+
+
+_init_params = jax.jit(llama.init_params, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = config_lib.tiny()
+  return config, _init_params(config, jax.random.key(0))
+
+
+def _tokens(seed, shape, vocab=256):
+  return jax.random.randint(jax.random.key(seed), shape, 3, vocab, dtype=jnp.int32)
+
+
+# Jitted with the (hashable, frozen) config static, so each shape compiles once per test session.
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config, params, tokens, positions=None, segment_ids=None):
+  return llama.Llama(config).apply({"params": params}, tokens, positions, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cached_call(config, params, tokens, cache):
+  """One cached step on unpadded rows: returns (logits [B, T, V], cache)."""
+  model = llama.Llama(config)
+  b, t = tokens.shape
+  positions = cache["index"] + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  hidden, cache = model.apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache=cache,
+                              method=llama.Llama.hidden_states)
+  return model.apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden), cache
+
+
+def test_kv_cache_prefill_then_single_tokens_equals_full_forward(tiny):
+  config, params = tiny
+  tokens = _tokens(1, (2, 12))
+  full = _forward(config, params, tokens)
+  cache = llama.init_cache(config, batch_size=2, max_length=16)
+  prefill, cache = _cached_call(config, params, tokens[:, :7], cache)
+  pieces = [prefill]
+  for i in range(7, 12):
+    logits, cache = _cached_call(config, params, tokens[:, i:i + 1], cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=ATOL)
+  assert int(cache["index"]) == 12
+
+
+def test_greedy_kv_cache_decoding_equals_repeated_full_forwards(tiny):
+  config, params = tiny
+  prompt = _tokens(2, (1, 5))
+  steps = 8
+  # Reference: recompute the whole sequence every step. Slots after the current end hold placeholders that
+  # causal attention cannot see, so one fixed shape (one compile) serves every step.
+  length = prompt.shape[1]
+  sequence = jnp.concatenate([prompt, jnp.zeros((1, steps), jnp.int32)], axis=1)
+  for step in range(steps):
+    next_id = jnp.argmax(_forward(config, params, sequence)[:, length + step - 1], axis=-1)
+    sequence = sequence.at[:, length + step].set(next_id)
+  # Cached: prefill once, then feed one token at a time.
+  cache = llama.init_cache(config, batch_size=1, max_length=prompt.shape[1] + steps)
+  logits, cache = _cached_call(config, params, prompt, cache)
+  generated = []
+  for _ in range(steps):
+    next_id = jnp.argmax(logits[:, -1], axis=-1)
+    generated.append(int(next_id[0]))
+    logits, cache = _cached_call(config, params, next_id[:, None], cache)
+  assert generated == [int(t) for t in sequence[0, prompt.shape[1]:]]
+
+
+def test_left_and_right_padding_do_not_change_real_positions(tiny):
+  config, params = tiny
+  real = _tokens(3, (1, 6))
+  reference = _forward(config, params, real)
+  pad = 3
+  pad_ids = jnp.zeros((1, pad), jnp.int32)  # any id: padding is masked by segment id 0, not by token.
+  ones, zeros = jnp.ones((1, 6), jnp.int32), jnp.zeros((1, pad), jnp.int32)
+  positions = jnp.arange(6, dtype=jnp.int32)[None]
+  right = _forward(config, params, jnp.concatenate([real, pad_ids + 7], 1),
+                   jnp.concatenate([positions, jnp.zeros((1, pad), jnp.int32)], 1),
+                   jnp.concatenate([ones, zeros], 1))
+  left = _forward(config, params, jnp.concatenate([pad_ids + 9, real], 1),
+                  jnp.concatenate([jnp.zeros((1, pad), jnp.int32), positions], 1),
+                  jnp.concatenate([zeros, ones], 1))
+  np.testing.assert_allclose(right[:, :6], reference, atol=ATOL)
+  np.testing.assert_allclose(left[:, pad:], reference, atol=ATOL)
+
+
+def test_packed_segments_never_attend_across(tiny):
+  config, params = tiny
+  first, second = _tokens(4, (1, 5)), _tokens(5, (1, 4))
+  segment_ids = jnp.array([[1] * 5 + [2] * 4], jnp.int32)
+  positions = jnp.array([list(range(5)) + list(range(4))], jnp.int32)
+  packed = _forward(config, params, jnp.concatenate([first, second], 1), positions, segment_ids)
+  changed = _forward(config, params, jnp.concatenate([first, _tokens(6, (1, 4))], 1), positions, segment_ids)
+  np.testing.assert_array_equal(packed[:, :5], changed[:, :5])
+  # Each segment alone gives the same logits as inside the pack.
+  np.testing.assert_allclose(packed[:, :5], _forward(config, params, first), atol=ATOL)
+  np.testing.assert_allclose(packed[:, 5:], _forward(config, params, second), atol=ATOL)
+
+
+def test_unrolled_layers_equal_scanned(tiny):
+  config, params = tiny
+  tokens = _tokens(7, (2, 9))
+  unrolled = dataclasses.replace(config, scan_layers=False)
+  np.testing.assert_allclose(_forward(unrolled, params, tokens), _forward(config, params, tokens), atol=ATOL)
+
+
+def _loss(params, config, tokens):
+  return jnp.mean(jax.nn.log_softmax(_forward(config, params, tokens))[..., 5])
+
+
+_value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_changes_neither_values_nor_grads(tiny, policy):
+  config, params = tiny
+  tokens = _tokens(8, (2, 9))
+  value, grads = _value_and_grad(params, config, tokens)
+  remat_value, remat_grads = _value_and_grad(params, dataclasses.replace(config, remat_policy=policy), tokens)
+  np.testing.assert_allclose(remat_value, value, atol=ATOL)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grads, grads)
+
+
+def test_tied_head_is_the_embedding_and_untied_has_its_own(tiny):
+  config, params = tiny
+  tied = dataclasses.replace(config, tie_word_embeddings=True)
+  tied_params = _init_params(tied, jax.random.key(1))
+  assert "lm_head" not in tied_params and params["lm_head"]["kernel"].shape == (64, 256)
+  tokens = _tokens(9, (1, 6))
+  model = llama.Llama(tied)
+  hidden, _ = jax.jit(functools.partial(model.apply, method=llama.Llama.hidden_states))(
+      {"params": tied_params}, tokens)
+  np.testing.assert_allclose(_forward(tied, tied_params, tokens),
+                             hidden @ tied_params["embed_tokens"]["embedding"].T, atol=ATOL)
+  # The untied path projects with lm_head, not the embedding: replacing lm_head with the embedding's
+  # transpose turns it into the tied model.
+  as_tied = {**tied_params, "lm_head": {"kernel": tied_params["embed_tokens"]["embedding"].T}}
+  np.testing.assert_allclose(_forward(config, as_tied, tokens), _forward(tied, tied_params, tokens), atol=ATOL)
+  # Projecting onto a subset of the vocabulary picks the same columns.
+  ids = jnp.array([3, 17, 200])
+  subset = model.apply({"params": tied_params}, hidden, ids, method=llama.Llama.logits_from_hidden)
+  np.testing.assert_allclose(subset, _forward(tied, tied_params, tokens)[..., ids], atol=ATOL)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama3_1_8b", "llama3_2_1b", "smollm2_135m"])
+def test_rope_frequencies_match_transformers(preset):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
+  from rankrag_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  config = config_lib.get_config(preset)
+  hf_config = transformers.LlamaConfig(**hf.config_to_hf(config))
+  rope_type = hf_config.rope_parameters.get("rope_type", "default")
+  if rope_type == "default":
+    expected = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+  else:
+    expected, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    assert attention_scaling == 1.0
+  np.testing.assert_allclose(llama.rope_inverse_frequencies(config), expected.numpy(), rtol=1e-6)
