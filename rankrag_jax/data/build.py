@@ -14,7 +14,6 @@ label balance of ranking components. The statistics are also written to `{data_d
 import collections
 import inspect
 import json
-import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -25,17 +24,15 @@ import gin
 import numpy as np
 import tqdm
 
+from rankrag_jax import cli
 from rankrag_jax import tokenizer as tokenizer_lib
 from rankrag_jax.data import blend
 from rankrag_jax.data import packing
 from rankrag_jax.data import tasks
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 STATS_FILE = "stats.json"
 PERCENTILES = (50, 90, 99)
 
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Gin files (e.g. gin_configs/data/default_blend.gin).")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra Gin bindings, e.g. 'MAX_LENGTH = 4096'.")
 _STATS_ONLY = flags.DEFINE_bool("stats_only", False, "Do not rebuild; only recompute statistics of data_dir.")
 
 
@@ -144,10 +141,7 @@ def build_and_report(stats_only: bool = False) -> dict[str, Any]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  # Gin files and their `include 'gin_configs/...'` lines resolve from the repository too, from any directory.
-  gin.add_config_file_search_path(str(REPO_ROOT))
-  gin_files = [f if os.path.exists(f) or not (REPO_ROOT / f).exists() else str(REPO_ROOT / f) for f in _GIN_FILE.value]
-  gin.parse_config_files_and_bindings(gin_files, _GIN_BINDINGS.value)
+  cli.parse_gin(finalize=False)  # includes resolve from the repository root too, from any directory.
   build_and_report(_STATS_ONLY.value)
 
 
