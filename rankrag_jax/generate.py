@@ -178,12 +178,15 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
   for start in range(0, len(order), rows_per_batch):
     rows = order[start:start + rows_per_batch]
     bucket = length_bucket(max(len(prompts[i]) for i in rows))
-    tokens = np.zeros((rows_per_batch, bucket), np.int32)
-    lengths = np.ones((rows_per_batch,), np.int32)  # padding rows: one pad token, discarded.
+    # A short (last) batch is padded to a power of two, not to batch_size: few shapes, little wasted compute.
+    padded_rows = min(rows_per_batch, 1 << (len(rows) - 1).bit_length())
+    padded_rows = -(-padded_rows // data_parallel_size(mesh)) * data_parallel_size(mesh)
+    tokens = np.zeros((padded_rows, bucket), np.int32)
+    lengths = np.ones((padded_rows,), np.int32)  # padding rows: one pad token, discarded.
     for r, i in enumerate(rows):
       tokens[r, :len(prompts[i])] = prompts[i]
       lengths[r] = len(prompts[i])
-    row_ids = np.asarray(rows + [0] * (rows_per_batch - len(rows)), np.uint32)
+    row_ids = np.asarray(rows + [0] * (padded_rows - len(rows)), np.uint32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
     tokens, lengths, row_keys = shard_batch((tokens, lengths, row_keys), mesh)
     new_tokens, num_new = decode_batch(params, config, tokens, lengths, stop, row_keys,

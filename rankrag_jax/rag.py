@@ -1,0 +1,273 @@
+"""RankRAG inference (§4.3) as a command: retrieve top-N, rerank by P("True"), generate from the top-k.
+
+    python -m rankrag_jax.rag --checkpoint smollm2_135m_instruct --corpus corpus.jsonl \\
+        --question "who wrote hamlet?" --n 100 --k 5
+    python -m rankrag_jax.rag --checkpoint ckpt_dir --corpus corpus.jsonl --questions q.jsonl --out preds.jsonl \\
+        [--retriever bm25|dense] [--abstain_threshold 0.1] [--gin_file run.gin --gin_bindings ...]
+
+`--checkpoint` is anything `convert.load.load_model` reads: a model asset name, a `.gguf` file, or an HF directory.
+The questions file is JSONL with a `question` field (optional `id`, `answers`, passed through). Each answer comes
+with its kept passages and their scores (P("True") over the full vocabulary, and P(True)/(P(True)+P(False))), and
+the command reports the time spent in each stage. Errors in the inputs end the command with a one-line message
+naming the file or flag, and exit code 2.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Callable, Sequence
+
+from absl import app, flags
+import gin
+import jax
+import numpy as np
+
+# Every Gin-configurable module is imported here, before --gin_file is parsed (Gin locks its registry then).
+from rankrag_jax import assets, prompts, rerank, sharding
+from rankrag_jax.convert import load
+from rankrag_jax.generate import generate, max_new_tokens_for_task
+from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.retrieval import bm25, dense
+from rankrag_jax.retrieval import corpus as corpus_lib
+
+TASKS = ("open_domain_qa", "fever")
+RETRIEVERS = ("bm25", "dense")
+
+Search = Callable[[Sequence[str], int], tuple[np.ndarray, np.ndarray]]
+
+
+class RagError(ValueError):
+  """Bad command input (flag, question file, checkpoint); the message names the flag or file:line."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RagModel:
+  """One Llama that both reranks and generates, with its tokenizer and (on >1 device) the mesh."""
+  config: LlamaConfig
+  params: dict
+  tokenizer: object
+  mesh: jax.sharding.Mesh | None = None
+
+
+def load_rag_model(checkpoint: str) -> RagModel:
+  """Loads `checkpoint` with `load_model`; on >1 device, replicates the params over a data-parallel mesh."""
+
+  if not checkpoint:
+    raise RagError("--checkpoint is required (a .gguf file, an HF directory, or 'smollm2_135m_instruct')")
+  config, params, tokenizer = load.load_model(checkpoint)
+  if tokenizer is None:
+    raise RagError(f"--checkpoint {checkpoint}: no tokenizer found (put tokenizer.json next to config.json)")
+  mesh = None
+  if jax.device_count() > 1:
+    mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=1)
+    params = jax.device_put(params, sharding.replicated(mesh))
+  return RagModel(config, params, tokenizer, mesh)
+
+
+def build_search(corpus, kind: str = "bm25") -> Search:
+  """A `search(queries, n) -> (ids [Q, n], scores [Q, n])` over `corpus` with BM25 or the dense retriever."""
+  if kind == "bm25":
+    index = bm25.build_bm25_index(corpus)
+    return lambda queries, n: bm25.search_bm25(index, list(queries), n)
+  if kind == "dense":
+    retriever = dense.build_dense_retriever(corpus)
+    return lambda queries, n: retriever.search(list(queries), n)
+  raise RagError(f"--retriever must be one of {RETRIEVERS}, got {kind!r}")
+
+
+def read_questions(path: str) -> list[dict]:
+  """Reads a questions JSONL (`question` required; `id`, `answers` optional); errors name file:line."""
+  if not os.path.isfile(path):
+    raise RagError(f"--questions {path}: no such file")
+  questions = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise RagError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+        raise RagError(f"{path}:{number}: field 'question' is missing or not a string")
+      if not row["question"].strip():
+        raise RagError(f"{path}:{number}: field 'question' is empty")
+      questions.append({"id": str(row.get("id", f"q{len(questions)}")), **row})
+  if not questions:
+    raise RagError(f"{path}: no questions (expected one JSON object per line with a 'question' field)")
+  return questions
+
+
+def _passage_texts(corpus, ids) -> list[str]:
+  return corpus.passages_by_id([str(i) for i in ids])
+
+
+@gin.configurable(denylist=["model", "corpus", "search", "questions"])
+def answer_questions(model: RagModel, corpus, search: Search, questions: Sequence[dict], n: int = 100, k: int = 5,
+                     task: str = "open_domain_qa", chat_format: str = "chatqa",
+                     abstain_threshold: float | None = None, max_new_tokens: int | None = None,
+                     max_prompt_tokens: int | None = None) -> tuple[list[dict], dict]:
+  """Retrieve -> rerank -> generate for each question; returns (one record per question, stage timings in s).
+
+  Args:
+    model: the reranker/generator.
+    corpus: a `retrieval.corpus.Corpus`.
+    search: `build_search`'s retriever over `corpus`.
+    questions: dicts with `question` (and anything else, passed through).
+    n: retrieved candidates per question (the paper: 100 for 8B, 30 for 70B).
+    k: passages kept for generation (the paper: 5).
+    task: "open_domain_qa" or "fever" (claim prompts for ranking and generation, App. D).
+    chat_format: "chatqa" (the paper's plain text) or "chat_template" (the model's own, e.g. SmolLM2's ChatML).
+    abstain_threshold: when the best kept P("True") is below it, answer prompts.UNANSWERABLE_ANSWER without
+      generating (the ChatQA system turn asks the model to say so).
+    max_new_tokens: generation budget; default per task (`max_new_tokens_for_task`).
+    max_prompt_tokens: the context window; default the model's max_position_embeddings.
+  """
+  if task not in TASKS:
+    raise RagError(f"--task must be one of {TASKS}, got {task!r}")
+  if n < 1 or k < 1:
+    raise RagError(f"--n and --k must be >= 1, got n={n}, k={k}")
+  texts = [q["question"].strip() for q in questions]
+  if any(not t for t in texts):
+    raise RagError("the question is empty")
+  n = min(n, len(corpus))
+  k = min(k, n)
+  max_new_tokens = max_new_tokens or max_new_tokens_for_task(task)
+  window = max_prompt_tokens or model.config.max_position_embeddings
+  timings = {"retrieve_s": 0.0, "rerank_s": 0.0, "generate_s": 0.0}
+
+  start = time.perf_counter()
+  retrieved_ids, retrieved_scores = search(texts, n)
+  timings["retrieve_s"] = time.perf_counter() - start
+
+  records, prompt_ids, to_generate = [], [], []
+  for i, (question, text) in enumerate(zip(questions, texts)):
+    start = time.perf_counter()
+    candidates = _passage_texts(corpus, retrieved_ids[i])
+    scores = rerank.score_passages(model.params, model.config, model.tokenizer, text, candidates,
+                                   chat_format=chat_format, claim=task == "fever", max_prompt_tokens=window,
+                                   mesh=model.mesh)
+    elapsed = time.perf_counter() - start
+    timings["rerank_s"] += elapsed
+    # Stable sort on -P(True): ties keep the retriever's order.
+    kept = np.argsort(-scores.p_true, kind="stable")[:k]
+    record = {**question, "question": text,
+              "passages": [{"id": str(retrieved_ids[i][j]), "p_true": float(scores.p_true[j]),
+                            "p_true_normalised": float(scores.p_true_normalised[j]),
+                            "retrieval_score": float(retrieved_scores[i][j]), "retrieval_rank": int(j) + 1,
+                            "text": candidates[j]} for j in kept],
+              "num_retrieved": len(candidates), "num_truncated_ranking": scores.num_truncated,
+              "rerank_s": elapsed}
+    best = float(scores.p_true[kept[0]])
+    record["abstained"] = abstain_threshold is not None and best < abstain_threshold
+    if record["abstained"]:
+      record["answer"] = prompts.UNANSWERABLE_ANSWER
+    else:
+      make = prompts.fever_generation_prompt_example if task == "fever" else prompts.generation_prompt_example
+      render = lambda ps, text=text, make=make: prompts.render_prompt(make(text, ps), chat_format, model.tokenizer)
+      ids, cut = rerank.fit_passages_to_window(render, model.tokenizer, [candidates[j] for j in kept],
+                                               window - max_new_tokens)
+      record["num_truncated_generation"] = cut
+      prompt_ids.append(ids)
+      to_generate.append(record)
+    records.append(record)
+
+  start = time.perf_counter()
+  outputs = generate(model.params, model.config, prompt_ids, max_new_tokens, model.tokenizer.stop_ids,
+                     mesh=model.mesh)
+  timings["generate_s"] = time.perf_counter() - start
+  for record, ids in zip(to_generate, outputs):
+    record["answer"] = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+  return records, timings
+
+
+def format_record(record: dict) -> str:
+  """A human-readable answer with its kept passages."""
+  lines = [f"Question: {record['question']}", f"Answer: {record['answer']}"
+           + ("  (abstained: best P(True) below the threshold)" if record["abstained"] else ""),
+           "Kept passages (P(True), P(True)/(P(True)+P(False)), retrieval rank, id):"]
+  for rank, p in enumerate(record["passages"], start=1):
+    snippet = " ".join(p["text"].split())
+    snippet = snippet if len(snippet) <= 160 else snippet[:157] + "..."
+    lines.append(f"  {rank}. {p['p_true']:.4f}  {p['p_true_normalised']:.4f}  #{p['retrieval_rank']:<3d} "
+                 f"[{p['id']}] {snippet}")
+  return "\n".join(lines)
+
+
+def run(checkpoint: str, corpus_path: str, question: str | None = None, questions_path: str | None = None,
+        out: str | None = None, n: int = 100, k: int = 5, retriever: str = "bm25",
+        abstain_threshold: float | None = None, chat_format: str | None = None, print_fn=print) -> list[dict]:
+  """The command: validates inputs cheaply first (before loading any model), then runs the pipeline."""
+  if (question is None) == (questions_path is None):
+    raise RagError("give exactly one of --question or --questions")
+  if question is not None and not question.strip():
+    raise RagError("--question is empty")
+  if retriever not in RETRIEVERS:
+    raise RagError(f"--retriever must be one of {RETRIEVERS}, got {retriever!r}")
+  if not corpus_path or not os.path.isfile(corpus_path):
+    raise RagError(f"--corpus {corpus_path}: no such file")
+  questions = read_questions(questions_path) if questions_path else [{"id": "q0", "question": question}]
+  timings = {}
+  start = time.perf_counter()
+  corpus = corpus_lib.read_corpus_jsonl(corpus_path)
+  search = build_search(corpus, retriever)
+  timings["index_s"] = time.perf_counter() - start
+  start = time.perf_counter()
+  model = load_rag_model(checkpoint)
+  timings["load_s"] = time.perf_counter() - start
+  format_override = {"chat_format": chat_format} if chat_format else {}  # else Gin's / the default.
+  records, stage_timings = answer_questions(model, corpus, search, questions, n=n, k=k,
+                                            abstain_threshold=abstain_threshold, **format_override)
+  timings.update(stage_timings)
+  timing_text = ", ".join(f"{name[:-2]} {seconds:.2f}s" for name, seconds in timings.items())
+  truncated = sum(r["num_truncated_ranking"] + r.get("num_truncated_generation", 0) for r in records)
+  if out:
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+      for record in records:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print_fn(f"Wrote {len(records)} answers to {out}")
+  else:
+    for record in records:
+      print_fn(format_record(record) + "\n")
+  print_fn(f"Passages truncated to fit the context window: {truncated}")
+  print_fn(f"Timings ({len(records)} question(s)): {timing_text}")
+  return records
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "A .gguf file, an HF directory, or a model asset name.")
+flags.DEFINE_string("corpus", None, "Corpus JSONL: one {id, title, text} per line.")
+flags.DEFINE_string("question", None, "One question to answer.")
+flags.DEFINE_string("questions", None, "Questions JSONL ({question, id?, answers?} per line).")
+flags.DEFINE_string("out", None, "Write answers as JSONL here (default: print them).")
+flags.DEFINE_integer("n", 100, "Retrieved candidates per question.")
+flags.DEFINE_integer("k", 5, "Reranked passages kept for generation.")
+flags.DEFINE_enum("retriever", "bm25", RETRIEVERS, "First-stage retriever.")
+flags.DEFINE_float("abstain_threshold", None, "Answer 'cannot find' when the best P(True) is below this.")
+flags.DEFINE_enum("chat_format", None, prompts.CHAT_FORMATS,
+                  "Prompt rendering: the paper's plain 'chatqa' text (default) or the model's 'chat_template'.")
+flags.DEFINE_multi_string("gin_file", [], "Gin files (e.g. answer_questions.chat_format, generate.temperature).")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. answer_questions.task='fever'.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+    run(FLAGS.checkpoint, FLAGS.corpus, FLAGS.question, FLAGS.questions, FLAGS.out, FLAGS.n, FLAGS.k,
+        FLAGS.retriever, FLAGS.abstain_threshold, FLAGS.chat_format)
+  except (ValueError, OSError, assets.AssetError) as e:
+    # Input errors (ours, the corpus reader's, load_model's, gin's, assets') carry a message naming the file or
+    # field; the traceback would only bury it.
+    message = str(e)
+    print(f"rag: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
