@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 # Every Gin-configurable module is imported here, before --gin_file is parsed (Gin locks its registry then).
-from rankrag_jax import assets, prompts, rerank, sharding
+from rankrag_jax import assets, cli, prompts, rerank, sharding
 from rankrag_jax.convert import load
 from rankrag_jax.generate import generate, max_new_tokens_for_task
 from rankrag_jax.model.config import LlamaConfig
@@ -250,15 +250,13 @@ flags.DEFINE_enum("retriever", "bm25", RETRIEVERS, "First-stage retriever.")
 flags.DEFINE_float("abstain_threshold", None, "Answer 'cannot find' when the best P(True) is below this.")
 flags.DEFINE_enum("chat_format", None, prompts.CHAT_FORMATS,
                   "Prompt rendering: the paper's plain 'chatqa' text (default) or the model's 'chat_template'.")
-flags.DEFINE_multi_string("gin_file", [], "Gin files (e.g. answer_questions.chat_format, generate.temperature).")
-flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. answer_questions.task='fever'.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
+    cli.parse_gin()  # --gin_file / --gin_bindings, e.g. answer_questions.task='fever', generate.temperature.
     run(FLAGS.checkpoint, FLAGS.corpus, FLAGS.question, FLAGS.questions, FLAGS.out, FLAGS.n, FLAGS.k,
         FLAGS.retriever, FLAGS.abstain_threshold, FLAGS.chat_format)
   except (ValueError, OSError, assets.AssetError) as e:
