@@ -30,6 +30,7 @@ from rankrag_jax import assets, cli, prompts, rerank, sharding
 from rankrag_jax.convert import load
 from rankrag_jax.generate import generate, max_new_tokens_for_task
 from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.model.llama import param_logical_axes
 from rankrag_jax.retrieval import bm25, dense
 from rankrag_jax.retrieval import corpus as corpus_lib
 
@@ -52,9 +53,24 @@ class RagModel:
   mesh: jax.sharding.Mesh | None = None
 
 
-def load_rag_model(checkpoint: str) -> RagModel:
-  """Loads `checkpoint` with `load_model`; on >1 device, replicates the params over a data-parallel mesh."""
+def place_on_mesh(params: dict, config: LlamaConfig, mesh: jax.sharding.Mesh) -> dict:
+  """Puts params on `mesh` as the logical rules say: replicated on a pure data-parallel mesh, split over its
+  fsdp / tensor axes otherwise (for models too big for one device)."""
+  shardings = sharding.logical_to_sharding(param_logical_axes(config), mesh, sharding.logical_axis_rules())
+  sharding.check_divisible(params, shardings)
+  return jax.device_put(params, shardings)
 
+
+@gin.configurable(denylist=["checkpoint"])
+def load_rag_model(checkpoint: str, mesh_from_gin: bool = False) -> RagModel:
+  """Loads `checkpoint` with `load_model`, placing it on a mesh when there is more than one device.
+
+  Args:
+    checkpoint: a model asset name, a .gguf file, or an HF directory.
+    mesh_from_gin: False: a pure data-parallel mesh over all devices (params replicated, batches split), the
+      fastest for models that fit one device. True: `sharding.make_mesh()` as Gin configures it (e.g. FSDP for
+      70B); batches are then split over its data and fsdp axes.
+  """
   if not checkpoint:
     raise RagError("--checkpoint is required (a .gguf file, an HF directory, or 'smollm2_135m_instruct')")
   config, params, tokenizer = load.load_model(checkpoint)
@@ -62,8 +78,8 @@ def load_rag_model(checkpoint: str) -> RagModel:
     raise RagError(f"--checkpoint {checkpoint}: no tokenizer found (put tokenizer.json next to config.json)")
   mesh = None
   if jax.device_count() > 1:
-    mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=1)
-    params = jax.device_put(params, sharding.replicated(mesh))
+    mesh = sharding.make_mesh() if mesh_from_gin else sharding.make_mesh(data=-1, fsdp=1, tensor=1)
+    params = place_on_mesh(params, config, mesh)
   return RagModel(config, params, tokenizer, mesh)
 
 

@@ -105,6 +105,15 @@ def test_pipeline_keeps_top_k_by_p_true_and_counts_truncated_passages(tiny_rag_m
   assert records[0]["num_truncated_ranking"] == 1 and records[1]["num_truncated_ranking"] == 1
 
 
+def test_both_retrievers_search_the_corpus():
+  corpus = corpus_lib.corpus_from_rows(ROWS)
+  for kind in rag.RETRIEVERS:
+    ids, scores = rag.build_search(corpus, kind)(["What is the capital of France?"], 2)
+    assert ids.shape == scores.shape == (1, 2) and ids[0][0] == "paris", kind
+  with pytest.raises(rag.RagError, match="--retriever must be one of"):
+    rag.build_search(corpus, "splade")
+
+
 def test_abstains_below_the_threshold_without_generating(tiny_rag_model):
   corpus = corpus_lib.corpus_from_rows(ROWS)
   records, _ = rag.answer_questions(tiny_rag_model, corpus, rag.build_search(corpus, "bm25"),
@@ -137,15 +146,15 @@ def heldout_disfl_qa(num_questions: int, seed: int = 0, heldout_fraction: float 
 @pytest.mark.slow
 def test_smollm2_rag_command_answers_heldout_disfl_qa_questions(tmp_path):
   from rankrag_jax.data import answers  # pylint: disable=g-import-not-at-top
-  corpus_rows, questions = heldout_disfl_qa(num_questions=4)
+  corpus_rows, questions = heldout_disfl_qa(num_questions=3)
   corpus = write_jsonl(tmp_path / "corpus.jsonl", corpus_rows)
   questions_path = write_jsonl(tmp_path / "heldout.jsonl", questions)
   out = tmp_path / "preds.jsonl"
   code, stdout, errors = run_command("--checkpoint", "smollm2_135m_instruct", "--corpus", corpus,
-                                     "--questions", questions_path, "--out", str(out), "--n", "20", "--k", "3",
+                                     "--questions", questions_path, "--out", str(out), "--n", "10", "--k", "3",
                                      "--chat_format", "chat_template")
   assert code == 0, errors
-  assert "Timings (4 question(s)): index" in stdout and "rerank" in stdout and "generate" in stdout
+  assert "Timings (3 question(s)): index" in stdout and "rerank" in stdout and "generate" in stdout
   preds = [json.loads(line) for line in out.read_text().splitlines()]
   assert [p["id"] for p in preds] == [q["id"] for q in questions]
   print(f"\n{len(corpus_rows)} held-out disfl_qa paragraphs; {stdout.strip().splitlines()[-1]}")

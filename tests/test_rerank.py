@@ -144,9 +144,9 @@ def test_a_question_too_long_for_the_window_is_a_clear_error(smollm2_tokenizer):
 def test_scores_are_the_same_when_sharded_over_two_devices(tmp_path):
   """Batches split over a 2-device data axis (forced host devices) score as on one device."""
   script = textwrap.dedent("""
-      import functools, jax, numpy as np
+      import functools, jax, numpy as np  # noqa
       jax.config.update("jax_default_matmul_precision", "highest")
-      from rankrag_jax import generate, rerank, sharding
+      from rankrag_jax import generate, rag, rerank, sharding
       from rankrag_jax.model import config as config_lib, llama
       assert jax.device_count() == 2
       config = config_lib.tiny()
@@ -157,7 +157,11 @@ def test_scores_are_the_same_when_sharded_over_two_devices(tmp_path):
       one = rerank.score_token_sequences(params, config, seqs, (84, 70))
       two = rerank.score_token_sequences(jax.device_put(params, sharding.replicated(mesh)), config, seqs,
                                          (84, 70), mesh=mesh)
+      fsdp_mesh = sharding.make_mesh(data=1, fsdp=2, tensor=1)  # params split too, batch over fsdp.
+      fsdp = rerank.score_token_sequences(rag.place_on_mesh(params, config, fsdp_mesh), config, seqs, (84, 70),
+                                          mesh=fsdp_mesh)
       print("max_abs_diff", float(np.abs(np.exp(one) - np.exp(two)).max()))
+      print("fsdp_max_abs_diff", float(np.abs(np.exp(one) - np.exp(fsdp)).max()))
       g1 = generate.generate(params, config, seqs, max_new_tokens=4, stop_ids=[])
       g2 = generate.generate(params, config, seqs, max_new_tokens=4, stop_ids=[], mesh=mesh)
       print("generation_equal", g1 == g2)
@@ -166,8 +170,8 @@ def test_scores_are_the_same_when_sharded_over_two_devices(tmp_path):
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stderr[-3000:]
-  diff = float(result.stdout.split("max_abs_diff")[1].split()[0])
-  assert diff <= 1e-5
+  values = dict(line.split() for line in result.stdout.splitlines() if line.count(" ") == 1)
+  assert float(values["max_abs_diff"]) <= 1e-5 and float(values["fsdp_max_abs_diff"]) <= 1e-5, result.stdout
   assert "generation_equal True" in result.stdout
 
 
