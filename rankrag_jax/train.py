@@ -6,22 +6,22 @@ r"""Stage-I / Stage-II training: `python -m rankrag_jax.train --gin_file=gin_con
     python -m rankrag_jax.train --gin_file=gin_configs/stage2.gin --gin_file=gin_configs/models/llama3_8b.gin \
         --gin_file=gin_configs/meshes/tpu_v5p_64.gin --gin_bindings="MODEL_DIR='gs://bucket/run'" --distributed
 
-The command parses flags and Gin, starts `jax.distributed` when launched on several hosts, and calls
-`training.loop.train`; everything else is in the library.
+The command parses flags and Gin (`cli`: --gin_file, --gin_bindings, --gin_search_paths), starts
+`jax.distributed` when launched on several hosts, and calls `training.loop.train`; everything else is in the
+library. Importing JAX is fine before `jax.distributed.initialize()`; touching devices is not.
 """
 
 import os
-import pathlib
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import gin
+import jax
 
-_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, later ones override earlier ones.")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. \"TRAIN_STEPS = 10\".")
-_GIN_SEARCH_PATHS = flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories for Gin includes.")
+from rankrag_jax import cli
+from rankrag_jax.training import loop
+
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (cluster auto-detection: Cloud TPU, SLURM, "
     "Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID). Implied by --coordinator_address.")
@@ -29,12 +29,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-
 
 def initialize_distributed() -> None:
   """Joins the multi-process job when asked to (before any other JAX call)."""
-  import jax
   if _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
@@ -45,25 +42,13 @@ def initialize_distributed() -> None:
                  jax.local_device_count(), jax.device_count())
 
 
-def parse_gin(gin_files, gin_bindings, search_paths=()) -> None:
-  """Includes resolve against the current directory, the repository root, then `search_paths`."""
-  for path in (os.getcwd(), str(REPO_ROOT), *search_paths):
-    gin.add_config_file_search_path(path)
-  from rankrag_jax.training import loop  # noqa: F401 (registers the configurables the Gin files name)
-  from rankrag_jax import sharding  # noqa: F401
-  from rankrag_jax.model import config  # noqa: F401
-  gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --gin_file / --gin_bindings")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO; -v 0 brings it back.
   initialize_distributed()
-  import jax
-  parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
-  from rankrag_jax.training import loop
+  cli.parse_gin()  # --gin_file / --gin_bindings / --gin_search_paths
   try:
     summary = loop.train()
   except loop.NonFiniteLossError as e:

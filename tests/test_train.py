@@ -269,7 +269,7 @@ def test_smollm2_fine_tuning_lowers_the_loss_on_a_fixed_real_batch(tmp_path):
   import gin
   from rankrag_jax import tokenizer as tokenizer_lib
   from rankrag_jax.assets import asset_file
-  from rankrag_jax.train import parse_gin
+  from rankrag_jax import cli
   from rankrag_jax.training import loop
   batch = _real_batch(tokenizer_lib.load_tokenizer(asset_file("smollm2_135m_instruct")), 128)
   assert batch["decoder_loss_weights"].sum() >= 8
@@ -284,10 +284,10 @@ def test_smollm2_fine_tuning_lowers_the_loss_on_a_fixed_real_batch(tmp_path):
 
   gin.clear_config()
   try:
-    parse_gin(["gin_configs/stage2.gin", "gin_configs/cpu.gin"],
+    cli.parse_gin(["gin_configs/stage2.gin", "gin_configs/cpu.gin"],
               [f"MODEL_DIR = '{tmp_path}'", "TRAIN_STEPS = 4", "BATCH_SIZE = 4", "SEQUENCE_LENGTH = 128",
                "LEARNING_RATE = 5e-5", "WARMUP_STEPS = 0", "DECAY = 'constant'", "MAX_LOSS_POSITIONS = 16",
-               "CHECKPOINT_EVERY = 4", "EVAL_BATCHES = 0", "loop.train.progress_bar = False"])
+               "CHECKPOINT_EVERY = 4", "EVAL_BATCHES = 0", "loop.train.progress_bar = False"], [], finalize=False)
     summary = loop.train(batch_fn=fixed_batches)
   finally:
     gin.clear_config()

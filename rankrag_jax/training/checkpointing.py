@@ -11,9 +11,9 @@ save (kill -9, pre-emption) never shows up as the latest step; leftovers are del
 
 import dataclasses
 import json
-import pathlib
 
 from absl import logging
+from etils import epath
 import gin
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory, save_every_steps: int = 100, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(directory)
+    self.directory = epath.Path(directory)
     self.save_every_steps = save_every_steps
     options = ocp.CheckpointManagerOptions(
         # The loop decides when to save (only after checking the losses), so every save is forced.
@@ -105,9 +105,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def find_checkpoint_directory(path) -> pathlib.Path | None:
+def find_checkpoint_directory(path) -> epath.Path | None:
   """The checkpoints directory for `path` (a model_dir or its `checkpoints/`), or None if it is not one of ours."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   for candidate in (path, path / CHECKPOINTS_SUBDIR):
     if (candidate / CONFIG_FILE).is_file() and any(p.name.isdigit() for p in candidate.iterdir()):
       return candidate

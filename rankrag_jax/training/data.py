@@ -19,14 +19,14 @@ import numpy as np
 from rankrag_jax.training import step as step_lib
 
 
-@gin.configurable
-def ensure_blend(data_dir: str | None = None) -> pathlib.Path:
-  """Builds the embedded default blend into `data_dir` (None: the cache default) unless it is already there."""
+def ensure_blend() -> pathlib.Path:
+  """Builds the embedded default blend into the Gin-bound blend directory unless it is already there."""
   from rankrag_jax.data import blend, tasks  # local: pulls in tensorflow/seqio, not needed by synthetic runs
-  directory = pathlib.Path(data_dir or tasks.default_blend_dir())
+  bound = gin.get_bindings(tasks.register_blend_tasks).get("data_dir")
+  directory = pathlib.Path(bound or tasks.default_blend_dir())
   if not (directory / "manifest.json").is_file():
     logging.info("building the default blend into %s (one-off)", directory)
-    print(f"Building the embedded default blend into {directory} (one-off) ...", flush=True)
+    print(f"Building the embedded default blend into {directory} (one-off, a few minutes) ...", flush=True)
     blend.build_default_blend(directory)
   return directory
 
@@ -34,13 +34,13 @@ def ensure_blend(data_dir: str | None = None) -> pathlib.Path:
 @gin.configurable
 def blend_batches(split: str, batch_size: int, sequence_length: int, shard_id: int, num_shards: int, seed: int,
                   start_batch: int = 0, mixture_name: str = "rankrag_stage2", build_if_missing: bool = True):
-  """Packed batches of a blend mixture ("rankrag_stage1" | "rankrag_stage2"), tasks registered from Gin.
-
-  Evaluation ("validation") batches are unshuffled, so every evaluation sees the same batches.
+  """Packed batches of a blend mixture ("rankrag_stage1" | "rankrag_stage2"); Tasks registered from Gin
+  (gin_configs/data/*.gin). Evaluation ("validation") batches are unshuffled: every evaluation sees the same ones.
   """
   from rankrag_jax.data import tasks  # local: pulls in tensorflow/seqio
-  data_dir = ensure_blend() if build_if_missing else None
-  tasks.register_blend_tasks(**({"data_dir": str(data_dir)} if data_dir else {}))
+  if build_if_missing:
+    ensure_blend()
+  tasks.register_blend_tasks()
   register = {tasks.STAGE1_MIXTURE: tasks.register_stage1_mixture,
               tasks.STAGE2_MIXTURE: tasks.register_stage2_mixture}
   if mixture_name in register:

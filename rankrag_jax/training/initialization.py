@@ -12,8 +12,10 @@ Gin model config, which must agree with the checkpoint on every shape.
 
 import dataclasses
 import pathlib
+import tempfile
 
 from absl import logging
+from etils import epath
 import jax
 
 from rankrag_jax import tokenizer as tokenizer_lib
@@ -71,12 +73,27 @@ def random_params(config: LlamaConfig, seed: int, param_shardings) -> dict:
 
 def save_run_tokenizer(tokenizer, model_dir) -> None:
   """Keeps the run's tokenizer next to its checkpoints, so a later stage can start from the run alone."""
-  if tokenizer is not None and jax.process_index() == 0:
+  if tokenizer is None or jax.process_index() != 0:
+    return
+  if "://" in str(model_dir):  # the tokenizer writes with plain file I/O: stage it locally, then copy.
+    with tempfile.TemporaryDirectory() as local:
+      tokenizer.save(local)
+      for file in pathlib.Path(local).iterdir():
+        (epath.Path(model_dir) / TOKENIZER_SUBDIR / file.name).write_bytes(file.read_bytes())
+  else:
     tokenizer.save(pathlib.Path(model_dir) / TOKENIZER_SUBDIR)
 
 
 def load_run_tokenizer(model_dir):
-  directory = pathlib.Path(model_dir) / TOKENIZER_SUBDIR
+  """The tokenizer a run saved (`save_run_tokenizer`), or None."""
+  directory = epath.Path(model_dir) / TOKENIZER_SUBDIR
   if not directory.is_dir():
-    directory = pathlib.Path(model_dir).parent / TOKENIZER_SUBDIR  # given `<model_dir>/checkpoints`
-  return tokenizer_lib.load_tokenizer(directory) if directory.is_dir() else None
+    directory = epath.Path(model_dir).parent / TOKENIZER_SUBDIR  # given `<model_dir>/checkpoints`
+  if not directory.is_dir():
+    return None
+  if "://" not in str(directory):
+    return tokenizer_lib.load_tokenizer(pathlib.Path(directory))
+  with tempfile.TemporaryDirectory() as local:
+    for file in directory.iterdir():
+      (pathlib.Path(local) / file.name).write_bytes(file.read_bytes())
+    return tokenizer_lib.load_tokenizer(pathlib.Path(local))

@@ -12,6 +12,7 @@ import pathlib
 import time
 
 from absl import logging
+from etils import epath
 import gin
 import jax
 from jax.experimental import multihost_utils
@@ -49,26 +50,30 @@ class TrainSummary:
   wall_seconds: float = 0.0
 
 
-def evaluate(eval_fn, params, batch_fn, *, num_batches: int, batch_size: int, sequence_length: int,
-             seed: int, data_shardings) -> dict:
-  """Mean answer-token loss and accuracy over the first `num_batches` held-out batches (the same every time)."""
+def held_out_batches(batch_fn, *, num_batches: int, batch_size: int, sequence_length: int, seed: int) -> list:
+  """This host's share of the first `num_batches` "validation" batches, read once and reused by every eval."""
   source = batch_fn(split="validation", batch_size=batch_size, sequence_length=sequence_length,
                     shard_id=jax.process_index(), num_shards=jax.process_count(), seed=seed, start_batch=0)
-  totals = loss_lib.zero_sums()
-  seen = 0
+  batches = []
   for _ in range(num_batches):
     try:
-      local = next(source)
+      batches.append(next(source))
     except StopIteration:
       break
+  return batches
+
+
+def evaluate(eval_fn, params, batches: list, data_shardings) -> dict:
+  """Answer-token loss and accuracy over `batches` (sums combined, then divided once)."""
+  totals = loss_lib.zero_sums()
+  for local in batches:
     sums = eval_fn(params, data_lib.global_batch(local, data_shardings))
     totals = jax.tree.map(lambda a, b: a + b, totals, sums)
-    seen += 1
   totals = jax.device_get(totals)
   weight = max(float(totals[loss_lib.WEIGHT_SUM]), 1e-8)
   return {"eval/loss": float(totals[loss_lib.LOSS_SUM]) / weight,
           "eval/accuracy": float(totals[loss_lib.CORRECT_SUM]) / weight, "eval/loss_tokens": weight,
-          "eval/batches": seen}
+          "eval/batches": len(batches)}
 
 
 @gin.configurable
@@ -78,14 +83,15 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
           num_micro_batches: int = 1, max_loss_positions: int | None = None, log_every: int = 10,
           eval_every: int | None = None, eval_batches: int = 4, eval_batch_size: int | None = None,
           eval_at_start: bool = True, peak_flops_per_device: float = 160e9, export_hf: bool = True,
-          progress_bar: bool = True) -> TrainSummary:
+          progress_bar: bool = True, metrics_dir: str | None = None,
+          hf_export_dir: str | None = None) -> TrainSummary:
   """Trains `model_config` for `total_steps` optimizer steps of `batch_size` packed rows of `sequence_length`.
 
   Resumes from the newest checkpoint in `<model_dir>/checkpoints` when there is one (params, optimizer state,
   step, RNG, data position), else starts from `init_checkpoint` (see training/initialization.py).
 
   Args:
-    model_dir: run directory: checkpoints/, tensorboard/, metrics.jsonl, tokenizer/, hf/ (the export).
+    model_dir: run directory (local or gs://): checkpoints/, tensorboard/, metrics.jsonl, tokenizer/, hf/.
     model_config: the model preset (Gin: `@smollm2_135m()`); architecture from init_checkpoint when given.
     total_steps, batch_size, sequence_length: optimizer steps; global rows per step; packed row length.
     init_checkpoint: None (random) | asset name | .gguf | HF dir | a previous run's model_dir.
@@ -97,10 +103,17 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
     eval_every, eval_batches, eval_batch_size, eval_at_start: held-out ("validation") loss: every `eval_every`
       steps, at the end, and before the first step; over the same first `eval_batches` batches each time.
     peak_flops_per_device: for MFU (CPU default measured on this machine's matmul; TPU v5p 459e12 bf16).
-    export_hf: write `<model_dir>/hf` (transformers-loadable) at the end.
+    export_hf: write an HF (transformers-loadable) directory at the end, to `hf_export_dir`.
+    progress_bar: a tqdm bar on host 0.
+    metrics_dir: TensorBoard + metrics.jsonl (default model_dir; set a local one when model_dir is on GCS).
+    hf_export_dir: default `<model_dir>/hf` (a local path: the exporter writes with plain file I/O).
   """
   start_time = time.time()
-  model_dir = pathlib.Path(model_dir)
+  model_dir = epath.Path(model_dir)
+  metrics_dir = epath.Path(metrics_dir) if metrics_dir else model_dir
+  if export_hf and not hf_export_dir and "://" in str(model_dir):
+    raise ValueError(f"model_dir {model_dir} is remote: set loop.train.hf_export_dir to a local directory")
+  hf_export_dir = pathlib.Path(hf_export_dir or str(model_dir / "hf"))
   hosts, host = jax.process_count(), jax.process_index()
   if batch_size % hosts:
     raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts ({hosts})")
@@ -144,14 +157,20 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
   first_step = int(jax.device_get(state["step"]))
   source = batch_fn(split="train", batch_size=host_batch, sequence_length=sequence_length, shard_id=host,
                     num_shards=hosts, seed=seed, start_batch=data_position[TRAIN_POSITION_KEY])
-  writer = metrics_lib.MetricsWriter(model_dir, total_steps, first_step, progress_bar=progress_bar)
+  writer = metrics_lib.MetricsWriter(metrics_dir, total_steps, first_step, progress_bar=progress_bar)
   flops_per_token = config.flops_per_token(sequence_length, training=True)
   tokens_per_step = batch_size * sequence_length
-  summary = TrainSummary(str(model_dir), str(checkpointer.directory), str(model_dir / "tensorboard"),
-                         str(model_dir / "metrics.jsonl"), None, first_step, first_step)
-  run_eval = lambda: evaluate(eval_fn, state["params"], batch_fn, num_batches=eval_batches,  # noqa: E731
-                              batch_size=(eval_batch_size or batch_size) // hosts,
-                              sequence_length=sequence_length, seed=seed, data_shardings=data_shardings)
+  summary = TrainSummary(str(model_dir), str(checkpointer.directory), str(metrics_dir / "tensorboard"),
+                         str(metrics_dir / "metrics.jsonl"), None, first_step, first_step)
+  eval_data = []
+
+  def run_eval():
+    if not eval_data:
+      eval_data.extend(held_out_batches(batch_fn, num_batches=eval_batches,
+                                        batch_size=(eval_batch_size or batch_size) // hosts,
+                                        sequence_length=sequence_length, seed=seed))
+    return evaluate(eval_fn, state["params"], eval_data, data_shardings)
+
   writer.message(f"Training {config.num_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
                  f"({jax.device_count()} {jax.devices()[0].platform} devices, {hosts} host(s)): steps "
                  f"{first_step} -> {total_steps}, {batch_size} x {sequence_length} tokens/step. Run dir: {model_dir}")
@@ -215,7 +234,7 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
           checkpointer.save(step + 1, state, {TRAIN_POSITION_KEY: source.position})
       checkpointer.wait()
       if export_hf:
-        summary.hf_export_dir = str(export_hf_checkpoint(model_dir / "hf", config, state["params"], tokenizer))
+        summary.hf_export_dir = str(export_hf_checkpoint(hf_export_dir, config, state["params"], tokenizer))
   finally:
     checkpointer.wait()
     checkpointer.close()

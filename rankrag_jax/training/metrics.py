@@ -7,8 +7,8 @@ step recomputed after a crash appears twice: the later line is the one that coun
 
 import json
 import math
-import pathlib
 
+from etils import epath
 import jax
 import numpy as np
 import tqdm
@@ -31,14 +31,14 @@ class MetricsWriter:
 
   def __init__(self, log_dir, total_steps: int, initial_step: int, progress_bar: bool = True):
     self.enabled = jax.process_index() == 0
-    self.log_dir = pathlib.Path(log_dir)
+    self.log_dir = epath.Path(log_dir)
     self._tensorboard = self._jsonl = self._bar = None
     if not self.enabled:
       return
     from tensorboardX import SummaryWriter  # local: the import is slow and only host 0 needs it
     self.log_dir.mkdir(parents=True, exist_ok=True)
     self._tensorboard = SummaryWriter(str(self.log_dir / "tensorboard"))
-    self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+    self._jsonl = (self.log_dir / "metrics.jsonl").open("a")
     if progress_bar:
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
 
@@ -75,7 +75,7 @@ class MetricsWriter:
 def read_metrics(model_dir) -> list[dict]:
   """metrics.jsonl rows, a recomputed step's later line replacing the earlier one (per step and kind)."""
   rows = {}
-  path = pathlib.Path(model_dir) / "metrics.jsonl"
+  path = epath.Path(model_dir) / "metrics.jsonl"
   for line in path.read_text().splitlines():
     row = json.loads(line)
     kind = "eval" if any(k.startswith("eval/") for k in row) else "train"
