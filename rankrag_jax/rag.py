@@ -3,7 +3,8 @@
     python -m rankrag_jax.rag --checkpoint smollm2_135m_instruct --corpus corpus.jsonl \\
         --question "who wrote hamlet?" --n 100 --k 5
     python -m rankrag_jax.rag --checkpoint ckpt_dir --corpus corpus.jsonl --questions q.jsonl --out preds.jsonl \\
-        [--retriever bm25|dense] [--abstain_threshold 0.1] [--gin_file run.gin --gin_bindings ...]
+        [--retriever bm25|dense] [--abstain_threshold 0.1] [--chat_format chatqa|chat_template]
+        [--task open_domain_qa|fever] [--gin_file run.gin --gin_bindings "generate.temperature = 0.7"]
 
 `--checkpoint` is anything `convert.load.load_model` reads: a model asset name, a `.gguf` file, or an HF directory.
 The questions file is JSONL with a `question` field (optional `id`, `answers`, passed through). Each answer comes
@@ -215,7 +216,8 @@ def format_record(record: dict) -> str:
 
 def run(checkpoint: str, corpus_path: str, question: str | None = None, questions_path: str | None = None,
         out: str | None = None, n: int = 100, k: int = 5, retriever: str = "bm25",
-        abstain_threshold: float | None = None, chat_format: str | None = None, print_fn=print) -> list[dict]:
+        abstain_threshold: float | None = None, chat_format: str | None = None, task: str | None = None,
+        print_fn=print) -> list[dict]:
   """The command: validates inputs cheaply first (before loading any model), then runs the pipeline."""
   if (question is None) == (questions_path is None):
     raise RagError("give exactly one of --question or --questions")
@@ -234,9 +236,10 @@ def run(checkpoint: str, corpus_path: str, question: str | None = None, question
   start = time.perf_counter()
   model = load_rag_model(checkpoint)
   timings["load_s"] = time.perf_counter() - start
-  format_override = {"chat_format": chat_format} if chat_format else {}  # else Gin's / the default.
+  # Flags that are not given leave Gin's bindings (or the defaults) in force.
+  overrides = {name: value for name, value in (("chat_format", chat_format), ("task", task)) if value}
   records, stage_timings = answer_questions(model, corpus, search, questions, n=n, k=k,
-                                            abstain_threshold=abstain_threshold, **format_override)
+                                            abstain_threshold=abstain_threshold, **overrides)
   timings.update(stage_timings)
   timing_text = ", ".join(f"{name[:-2]} {seconds:.2f}s" for name, seconds in timings.items())
   truncated = sum(r["num_truncated_ranking"] + r.get("num_truncated_generation", 0) for r in records)
@@ -266,6 +269,7 @@ flags.DEFINE_enum("retriever", "bm25", RETRIEVERS, "First-stage retriever.")
 flags.DEFINE_float("abstain_threshold", None, "Answer 'cannot find' when the best P(True) is below this.")
 flags.DEFINE_enum("chat_format", None, prompts.CHAT_FORMATS,
                   "Prompt rendering: the paper's plain 'chatqa' text (default) or the model's 'chat_template'.")
+flags.DEFINE_enum("task", None, TASKS, "open_domain_qa (default; 32 new tokens) or fever (claim prompts; 8).")
 
 
 def main(argv):
@@ -274,7 +278,7 @@ def main(argv):
   try:
     cli.parse_gin()  # --gin_file / --gin_bindings, e.g. answer_questions.task='fever', generate.temperature.
     run(FLAGS.checkpoint, FLAGS.corpus, FLAGS.question, FLAGS.questions, FLAGS.out, FLAGS.n, FLAGS.k,
-        FLAGS.retriever, FLAGS.abstain_threshold, FLAGS.chat_format)
+        FLAGS.retriever, FLAGS.abstain_threshold, FLAGS.chat_format, FLAGS.task)
   except (ValueError, OSError, assets.AssetError) as e:
     # Input errors (ours, the corpus reader's, load_model's, gin's, assets') carry a message naming the file or
     # field; the traceback would only bury it.

@@ -10,9 +10,10 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
-from rankrag_jax import assets, prompts, rag
+from rankrag_jax import assets, prompts, rag, rerank
 from rankrag_jax import tokenizer as tokenizer_lib
 from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import llama
@@ -103,6 +104,30 @@ def test_pipeline_keeps_top_k_by_p_true_and_counts_truncated_passages(tiny_rag_m
   assert records[0]["answers"] == ["Basel"]  # passed through for evaluation.
   # The 900-token Rhine passage is retrieved for both questions and cut to fit the 192-token window.
   assert records[0]["num_truncated_ranking"] == 1 and records[1]["num_truncated_ranking"] == 1
+
+
+def test_fever_uses_the_claim_prompts_and_an_8_token_budget(tiny_rag_model, monkeypatch):
+  corpus = corpus_lib.corpus_from_rows(ROWS)
+  seen = {}
+
+  def fake_scores(params, config, tokenizer, question, passages, **kwargs):
+    seen["claim"] = kwargs["claim"]
+    p = np.linspace(0.9, 0.1, len(passages))
+    return rerank.PassageScores(p, p, 0, np.zeros(len(passages), np.int32))
+
+  def fake_generate(params, config, prompt_ids, max_new_tokens, stop_ids, **kwargs):
+    seen["prompt"] = tiny_rag_model.tokenizer.decode(prompt_ids[0])
+    seen["max_new_tokens"] = max_new_tokens
+    return [[] for _ in prompt_ids]
+
+  monkeypatch.setattr(rag.rerank, "score_passages", fake_scores)
+  monkeypatch.setattr(rag, "generate", fake_generate)
+  rag.answer_questions(tiny_rag_model, corpus, rag.build_search(corpus, "bm25"),
+                       [{"question": "Paris is the capital of France."}], n=2, k=2, task="fever")
+  assert seen["claim"] and seen["max_new_tokens"] == 8
+  assert seen["prompt"].endswith("User: Answer the following question with True or False. Is the claim 'Paris is "
+                                 "the capital of France.' correct?\n\nAssistant:")
+  assert "Passage 1: " in seen["prompt"] and "Passage 2: " in seen["prompt"]
 
 
 def test_both_retrievers_search_the_corpus():
