@@ -1,0 +1,168 @@
+"""Generation throughput with a KV cache: our jitted `generate` vs. `transformers.generate`, same SmolLM2-135M weights.
+
+    python bench/generate.py                  # batch 8, 32 new tokens, greedy, prompts of ~100-200 tokens
+    python bench/generate.py --rounds=3 --prompt_passage_tokens=600
+
+Eight RAG generation prompts (the paper's open-domain QA prompt over one passage, ChatQA format; lengths differ, so
+both sides pad) are tokenised once by a `prepare` child. Both sides decode greedily exactly `--new_tokens` tokens per
+row (no stop ids, so neither stops early) in one batch:
+
+  ours: `generate.generate` (one jitted prefill + `lax.while_loop` of one-token steps over an explicit KV cache);
+  reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
+        with an attention mask (transformers derives the positions from it).
+
+New tokens/s = batch * new_tokens / wall time of the whole call (prefill included); also reported: the prefill
+alone, the fraction of greedy tokens on which the two sides agree, MFU, peak RSS, machine load.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+from bench.score import QUESTION, ensure_hf_dir, make_passages  # noqa: E402
+
+
+def side_prepare(args) -> dict:
+  from rankrag_jax import prompts, rerank
+  from rankrag_jax import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.load_tokenizer(pathlib.Path(args.hf_dir) / "tokenizer.json")
+  passages = make_passages(tok, args.batch, seed=1)
+  if args.prompt_passage_tokens:
+    passages = [" ".join([p] * (1 + args.prompt_passage_tokens // 128)) for p in passages]
+  sequences = [rerank.prompt_token_ids(tok, prompts.render_prompt(prompts.generation_prompt_example(QUESTION, [p])))
+               for p in passages]
+  pathlib.Path(args.data).write_text(json.dumps({"sequences": sequences, "pad_id": tok.pad_id or 0}))
+  lengths = [len(s) for s in sequences]
+  return {"prompt_tokens_min": min(lengths), "prompt_tokens_max": max(lengths),
+          "prompt_tokens_mean": sum(lengths) / len(lengths)}
+
+
+def generation_flops(config, sequences, new_tokens: int) -> float:
+  """Matmul FLOPs of a cached greedy decode: every prompt token once, then each new token attending to its
+  context, and the LM head at the last prompt token and every new token (padding not counted)."""
+  n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size
+  attn = lambda context: 2 * 2 * context * config.num_heads * config.head_dim * config.num_layers
+  head = 2 * config.hidden_size * config.vocab_size
+  flops = 0.0
+  for s in sequences:
+    flops += sum(2 * n_layer_params + attn(i + 1) for i in range(len(s) + new_tokens - 1))
+    flops += new_tokens * head
+  return flops
+
+
+def side_ours(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from rankrag_jax import generate
+  from rankrag_jax.convert.load import load_model
+  sequences = json.loads(pathlib.Path(args.data).read_text())["sequences"]
+  config, params, _ = load_model(args.hf_dir)
+  params = jax.device_put(params)
+  run = lambda: generate.generate(params, config, sequences, args.new_tokens, stop_ids=[], batch_size=args.batch)
+  out = run()  # compiles
+  # Prefill alone: the same jitted decode with a budget of one new token (prefill + first LM head).
+  prefill = lambda: generate.generate(params, config, sequences, 1, stop_ids=[], batch_size=args.batch)
+  prefill()
+  probe = common.matmul_flops_probe()
+  load = common.machine_load()
+  times = common.time_repeats(run, args.repeats, warmup=0)
+  prefill_times = common.time_repeats(prefill, args.repeats, warmup=0)
+  return {"seconds": times, "prefill_seconds": prefill_times, "probe_flops": probe, "load": load,
+          "tokens": out, "flops": generation_flops(config, sequences, args.new_tokens)}
+
+
+def side_ref(args) -> dict:
+  import torch
+  from transformers import LlamaForCausalLM
+  torch.set_num_threads(args.torch_threads)
+  data = json.loads(pathlib.Path(args.data).read_text())
+  sequences = data["sequences"]
+  model = LlamaForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+  model.generation_config.eos_token_id = None  # decode exactly new_tokens per row, as ours does
+  width = max(len(s) for s in sequences)
+  ids = torch.full((len(sequences), width), data["pad_id"], dtype=torch.long)
+  mask = torch.zeros((len(sequences), width), dtype=torch.long)
+  for r, s in enumerate(sequences):
+    ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s), 1
+
+  def run(new_tokens):
+    with torch.inference_mode():
+      return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=data["pad_id"],
+                            eos_token_id=None)[:, width:]
+
+  out = run(args.new_tokens)
+  load = common.machine_load()
+  times = common.time_repeats(lambda: run(args.new_tokens), args.repeats, warmup=0)
+  prefill_times = common.time_repeats(lambda: run(1), args.repeats, warmup=0)
+  return {"seconds": times, "prefill_seconds": prefill_times, "load": load, "tokens": out.tolist(),
+          "threads": torch.get_num_threads()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--side", choices=("parent", "prepare", "ours", "ref"), default="parent")
+  parser.add_argument("--hf_dir", default="/tmp/rankrag_bench/smollm2_135m_instruct_hf")
+  parser.add_argument("--data", default="/tmp/rankrag_bench/generate_inputs.json")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--new_tokens", type=int, default=32)
+  parser.add_argument("--prompt_passage_tokens", type=int, default=0,
+                      help="repeat each passage to about this many tokens (0: one ~128-token passage)")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--torch_threads", type=int, default=2)
+  args = parser.parse_args()
+  if args.side != "parent":
+    common.emit({"prepare": side_prepare, "ours": side_ours, "ref": side_ref}[args.side](args))
+    return
+
+  pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
+  ensure_hf_dir(args.hf_dir)
+  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds")]
+  script = str(pathlib.Path(__file__).resolve())
+  prep = common.run_side(script, "prepare", child_args)
+  print(f"inputs: batch {args.batch}, prompt tokens {prep['prompt_tokens_min']}..{prep['prompt_tokens_max']}, "
+        f"{args.new_tokens} new tokens, greedy")
+  runs = {"ours": [], "ref": []}
+  for r in range(args.rounds):
+    for side in ("ours", "ref"):
+      res = common.run_side(script, side, child_args)
+      runs[side].append(res)
+      print(f"round {r} {side}: median {common.median(res['seconds']):.3f}s (prefill "
+            f"{common.median(res['prefill_seconds']):.3f}s) load {res['load']} rss {res['peak_rss_mib']} MiB",
+            flush=True)
+  new = args.batch * args.new_tokens
+  med = lambda side, key: common.median([t for res in runs[side] for t in res[key]])
+  ours_s, ref_s = med("ours", "seconds"), med("ref", "seconds")
+  probe = common.median([res["probe_flops"] for res in runs["ours"]])
+  a, b = runs["ours"][0]["tokens"], runs["ref"][0]["tokens"]
+  agree = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / new
+  # Greedy paths diverge for good once they differ; first-divergence index per row says more than agreement.
+  first_diff = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), len(ra)) for ra, rb in zip(a, b)]
+  summary = {
+      "benchmark": "generate", "batch": args.batch, "new_tokens": args.new_tokens, "inputs": prep,
+      "ours_new_tokens_per_s": new / ours_s, "ref_new_tokens_per_s": new / ref_s, "ratio": ref_s / ours_s,
+      "ours_prefill_s": med("ours", "prefill_seconds"), "ref_prefill_s": med("ref", "prefill_seconds"),
+      "ours_decode_new_tokens_per_s": (new - args.batch) / max(ours_s - med("ours", "prefill_seconds"), 1e-9),
+      "ref_decode_new_tokens_per_s": (new - args.batch) / max(ref_s - med("ref", "prefill_seconds"), 1e-9),
+      "probe_gflops": probe / 1e9, "ours_mfu": runs["ours"][0]["flops"] / ours_s / probe,
+      "ref_mfu": runs["ours"][0]["flops"] / ref_s / probe,
+      "greedy_token_agreement": agree, "first_divergence_per_row": first_diff,
+      "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
+      "ref_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ref"]),
+      "load": [res["load"] for side in ("ours", "ref") for res in runs[side]], "end_load": common.machine_load()}
+  print(f"ours {summary['ours_new_tokens_per_s']:.1f} new tokens/s, transformers {summary['ref_new_tokens_per_s']:.1f};"
+        f" ratio {summary['ratio']:.2f}x (decode only: {summary['ours_decode_new_tokens_per_s']:.1f} vs "
+        f"{summary['ref_decode_new_tokens_per_s']:.1f})")
+  print(f"probe {probe / 1e9:.1f} GFLOP/s; MFU ours {summary['ours_mfu']:.1%}, ref {summary['ref_mfu']:.1%}; "
+        f"greedy agreement {agree:.1%}; peak RSS ours {summary['ours_peak_rss_mib']} MiB, ref "
+        f"{summary['ref_peak_rss_mib']} MiB")
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()

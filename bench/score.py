@@ -1,0 +1,241 @@
+"""Relevance scoring throughput: our jitted P("True") kernel vs. transformers on the same SmolLM2-135M weights.
+
+    python bench/score.py                      # N=100 passages of ~128 tokens, 1 round per side
+    python bench/score.py --rounds=3 --repeats=5
+
+One question, N passages (~128 tokens each, lengths spread over 96..160 tokens like 100-word Wikipedia passages),
+rendered with the paper's context-ranking prompt (ChatQA format) and tokenised once by a `prepare` child. Both
+sides then compute log P("True"), log P("False") under the full next-token softmax at each prompt's last token:
+
+  ours: `rerank.score_token_sequences` (shared-prefix KV cache, length buckets, last-position LM head) on the
+        params `load_model` reads from the exported HF directory;
+  reference: transformers `LlamaForCausalLM` (f32, sdpa, `torch.inference_mode`, 2 threads) from that same
+        directory, rows sorted by length and batched, left-padded with explicit position ids so the last real
+        token sits at -1 and `logits_to_keep=1` projects only it (the strongest batched forward transformers
+        offers; a right-padded forward with full [B, T, V] logits is also timed as `ref_full_logits`).
+
+Sides run in separate child processes (alternating, `--rounds` times) after a warm-up call; the parent prints
+medians, the ratio ours/reference, MFU against the f32 matmul FLOP/s probed in the same run, peak RSS, machine load,
+and the largest |ΔP(True)| between the sides.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+
+QUESTION = "who designed the first programmable mechanical computer and when was it built?"
+_WORDS = ("the of and in to was a is for on as by with he that at from his it an were are which this also be has "
+          "or had first one their its new after who they two her she been other when there all during into school "
+          "would time may years more most only over city some world would where later up such used many can "
+          "state about national out known university united then made through team year film series american "
+          "engine machine design built computer babbage charles analytical difference punched cards memory "
+          "mill store program instructions calculation mathematics lovelace ada notes steam london england "
+          "government funding century war river music church station population district village county "
+          "album season club company system group north south east west empire king party league game army").split()
+
+
+def ensure_hf_dir(path: str) -> None:
+  """Exports SmolLM2-135M-Instruct (the GGUF asset, dequantised to f32) once, so both sides read one file."""
+  if not (pathlib.Path(path) / "config.json").is_file():
+    subprocess.run([sys.executable, "-m", "rankrag_jax.convert", "--input", "smollm2_135m_instruct",
+                    "--output_hf", path], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                   capture_output=True)
+
+
+def make_passages(tokenizer, n: int, seed: int = 0) -> list[str]:
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  passages = []
+  for _ in range(n):
+    target = int(rng.integers(96, 161))
+    words = []
+    while len(tokenizer.encode(" ".join(words))) < target:
+      words += list(rng.choice(_WORDS, size=8))
+    while len(tokenizer.encode(" ".join(words))) > target:
+      words.pop()
+    passages.append(" ".join(words).capitalize() + ".")
+  return passages
+
+
+def side_prepare(args) -> dict:
+  from rankrag_jax import prompts, rerank
+  from rankrag_jax import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.load_tokenizer(pathlib.Path(args.hf_dir) / "tokenizer.json")
+  passages = make_passages(tok, args.num_passages)
+  sequences = [rerank.prompt_token_ids(tok, prompts.render_prompt(prompts.ranking_prompt_example(QUESTION, p)))
+               for p in passages]
+  true_id, false_id = prompts.true_false_token_ids(tok)
+  data = {"question": QUESTION, "passages": passages, "sequences": sequences, "answer_ids": [true_id, false_id],
+          "prefix_length": rerank.shared_prefix_length(sequences)}
+  pathlib.Path(args.data).write_text(json.dumps(data))
+  lengths = [len(s) for s in sequences]
+  return {"passage_tokens_mean": sum(len(tok.encode(p)) for p in passages) / len(passages),
+          "prompt_tokens_mean": sum(lengths) / len(lengths), "prompt_tokens_min": min(lengths),
+          "prompt_tokens_max": max(lengths), "shared_prefix": data["prefix_length"]}
+
+
+def scoring_flops(config, sequences, prefix_length: int) -> float:
+  """Matmul FLOPs our kernel must do: the prefix once, each suffix token once (attending to prefix + its own
+  earlier tokens), the True/False rows and one full-vocabulary row per passage. Padding is not counted."""
+  n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size  # no embed
+  per_token = 2 * n_layer_params
+  attn = lambda context: 2 * 2 * context * config.num_heads * config.head_dim * config.num_layers
+  flops = sum(per_token + attn(i + 1) for i in range(prefix_length))
+  for s in sequences:
+    flops += sum(per_token + attn(i + 1) for i in range(prefix_length, len(s)))
+    flops += 2 * config.hidden_size * (config.vocab_size + 2)
+  return flops
+
+
+def full_prompt_flops(config, sequences) -> float:
+  """FLOPs of scoring every prompt from scratch (what the reference does), for its MFU."""
+  n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size
+  attn = lambda context: 2 * 2 * context * config.num_heads * config.head_dim * config.num_layers
+  return sum(sum(2 * n_layer_params + attn(i + 1) for i in range(len(s))) + 2 * config.hidden_size *
+             config.vocab_size for s in sequences)
+
+
+def side_ours(args) -> dict:
+  import jax
+  import numpy as np
+  from rankrag_jax import rerank
+  from rankrag_jax.convert.load import load_model
+  data = json.loads(pathlib.Path(args.data).read_text())
+  config, params, tok = load_model(args.hf_dir)
+  params = jax.device_put(params)
+  sequences, answer_ids = data["sequences"], tuple(data["answer_ids"])
+  run = lambda: rerank.score_token_sequences(params, config, sequences, answer_ids)
+  log_probs = run()  # the warm-up: compiles every bucket shape
+  probe = common.matmul_flops_probe()
+  load = common.machine_load()
+  times = common.time_repeats(run, args.repeats, warmup=0)
+  end_to_end = common.time_repeats(
+      lambda: rerank.score_passages(params, config, tok, data["question"], data["passages"]), 1,
+      warmup=0) if args.end_to_end else []
+  return {"seconds": times, "end_to_end_seconds": end_to_end, "probe_flops": probe, "load": load,
+          "p_true": np.exp(log_probs[:, 0]).tolist(),
+          "flops": scoring_flops(config, sequences, data["prefix_length"]),
+          "full_prompt_flops": full_prompt_flops(config, sequences)}
+
+
+def _reference_batches(sequences, batch_size):
+  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def side_ref(args) -> dict:
+  import numpy as np
+  import torch
+  from transformers import LlamaForCausalLM
+  torch.set_num_threads(args.torch_threads)
+  data = json.loads(pathlib.Path(args.data).read_text())
+  sequences, (true_id, false_id) = data["sequences"], data["answer_ids"]
+  model = LlamaForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+  batches = _reference_batches(sequences, args.ref_batch)
+
+  def run(full_logits=False, only_first_batch=False):
+    out = np.zeros((len(sequences), 2), np.float32)
+    with torch.inference_mode():
+      for rows in batches[:1] if only_first_batch else batches:
+        width = max(len(sequences[i]) for i in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+          n = len(sequences[i])
+          if full_logits:  # right padding, every position projected, then gather the last real one
+            ids[r, :n], mask[r, :n] = torch.tensor(sequences[i]), 1
+          else:  # left padding: the last real token is at -1 for every row
+            ids[r, width - n:], mask[r, width - n:] = torch.tensor(sequences[i]), 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if full_logits:
+          logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+          last = logits[torch.arange(len(rows)), mask.sum(-1) - 1]
+        else:
+          last = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        log_probs = torch.log_softmax(last.float(), dim=-1)[:, [true_id, false_id]]
+        out[rows] = log_probs.numpy()
+    return out
+
+  run(only_first_batch=True)  # warm-up
+  load = common.machine_load()
+  times = common.time_repeats(run, args.repeats, warmup=0)
+  log_probs = run()
+  full_times = common.time_repeats(lambda: run(full_logits=True), 1, warmup=0) if args.ref_full_logits else []
+  return {"seconds": times, "full_logits_seconds": full_times, "load": load,
+          "p_true": np.exp(log_probs[:, 0]).tolist(), "threads": torch.get_num_threads()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--side", choices=("parent", "prepare", "ours", "ref"), default="parent")
+  parser.add_argument("--hf_dir", default="/tmp/rankrag_bench/smollm2_135m_instruct_hf")
+  parser.add_argument("--data", default="/tmp/rankrag_bench/score_inputs.json")
+  parser.add_argument("--num_passages", type=int, default=100)
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=1, help="alternating ours/ref child runs")
+  parser.add_argument("--ref_batch", type=int, default=25)
+  parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument("--end_to_end", type=int, default=0, help="also time score_passages incl. tokenisation")
+  parser.add_argument("--ref_full_logits", type=int, default=0,
+                      help="also time a right-padded reference forward with full [B, T, V] logits")
+  args = parser.parse_args()
+  if args.side != "parent":
+    result = {"prepare": side_prepare, "ours": side_ours, "ref": side_ref}[args.side](args)
+    common.emit(result)
+    return
+
+  pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
+  ensure_hf_dir(args.hf_dir)
+  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds")]
+  script = str(pathlib.Path(__file__).resolve())
+  prep = common.run_side(script, "prepare", child_args)
+  print(f"inputs: {args.num_passages} passages, passage tokens mean {prep['passage_tokens_mean']:.0f}, prompt "
+        f"tokens {prep['prompt_tokens_min']}..{prep['prompt_tokens_max']} (mean {prep['prompt_tokens_mean']:.0f}),"
+        f" shared prefix {prep['shared_prefix']}")
+  runs = {"ours": [], "ref": []}
+  for r in range(args.rounds):
+    for side in ("ours", "ref"):
+      res = common.run_side(script, side, child_args)
+      runs[side].append(res)
+      print(f"round {r} {side}: median {common.median(res['seconds']):.3f}s load {res['load']} "
+            f"rss {res['peak_rss_mib']} MiB", flush=True)
+  n = args.num_passages
+  ours_s = common.median([t for res in runs["ours"] for t in res["seconds"]])
+  ref_s = common.median([t for res in runs["ref"] for t in res["seconds"]])
+  med = lambda xs: common.median(xs) if xs else float("nan")
+  ref_full_s = med([t for res in runs["ref"] for t in res["full_logits_seconds"]])
+  e2e_s = med([t for res in runs["ours"] for t in res["end_to_end_seconds"]])
+  probe = common.median([res["probe_flops"] for res in runs["ours"]])
+  flops, full_flops = runs["ours"][0]["flops"], runs["ours"][0]["full_prompt_flops"]
+  dp = max(abs(a - b) for a, b in zip(runs["ours"][0]["p_true"], runs["ref"][0]["p_true"]))
+  summary = {
+      "benchmark": "score", "num_passages": n, "inputs": prep,
+      "ours_passages_per_s": n / ours_s, "ref_passages_per_s": n / ref_s,
+      "ref_full_logits_passages_per_s": n / ref_full_s, "ours_end_to_end_passages_per_s": n / e2e_s,
+      "ratio": ref_s / ours_s, "ratio_vs_ref_full_logits": ref_full_s / ours_s,
+      "probe_gflops": probe / 1e9,
+      "ours_mfu": flops / ours_s / probe, "ref_mfu": full_flops / ref_s / probe,
+      "ours_full_prompt_equivalent_mfu": full_flops / ours_s / probe,
+      "max_abs_p_true_diff": dp,
+      "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
+      "ref_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ref"]),
+      "load": [res["load"] for side in ("ours", "ref") for res in runs[side]], "end_load": common.machine_load()}
+  print(f"ours {summary['ours_passages_per_s']:.1f} passages/s (end-to-end incl. tokenisation "
+        f"{summary['ours_end_to_end_passages_per_s']:.1f}), transformers {summary['ref_passages_per_s']:.1f} "
+        f"(full-logits variant {summary['ref_full_logits_passages_per_s']:.1f}); ratio {summary['ratio']:.2f}x")
+  print(f"probe {probe / 1e9:.1f} GFLOP/s f32; MFU ours {summary['ours_mfu']:.1%} (executed FLOPs), "
+        f"{summary['ours_full_prompt_equivalent_mfu']:.1%} (full-prompt equivalent); ref {summary['ref_mfu']:.1%}")
+  print(f"peak RSS ours {summary['ours_peak_rss_mib']} MiB, ref {summary['ref_peak_rss_mib']} MiB; "
+        f"max |dP(True)| {dp:.2e}")
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,223 @@
+"""One Stage-II training step: our sharded jitted train step vs. a transformers/PyTorch step on the same batch.
+
+    python bench/train_step.py                    # batch 4 x seq 512 packed (cpu.gin), AdamW
+    python bench/train_step.py --batch=4 --repeats=5
+
+The batch (made once by a `prepare` child, saved as .npz) is packed like Stage II: each row holds examples of a
+150..450-token prompt (passages + question; random token ids) followed by a 2..24-token answer, with restarting
+positions, segment ids (0 = padding) and loss weights on the answer tokens only.
+
+  ours: `training.step.jit_train_step` (jit with NamedShardings on a 1-device mesh under the default logical rules,
+        state donated; AdamW b1 0.9 b2 0.98 wd 0.1, clip 1.0; answer positions gathered, K = --max_loss_positions,
+        before the LM head), params from `load_model` on the exported HF directory;
+  reference: `LlamaForCausalLM` from that directory (f32, sdpa, 2 threads), a 4-D boolean mask for the packed
+        segments (same segment, causal), the same position ids, hidden states of the answer positions through
+        `lm_head`, summed weighted cross-entropy / weight sum, `clip_grad_norm_(1.0)`, torch AdamW (same betas, eps,
+        weight decay on matrices only; the fused CPU kernel when available).
+
+Tokens/s counts every slot of the [batch, seq] step (padding included); MFU uses the matmul FLOPs of the real tokens
+(forward + backward = 3 x forward, segment-causal attention, LM head on answer tokens only) against the f32 matmul
+FLOP/s probed in the same run.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+from bench.score import ensure_hf_dir  # noqa: E402
+
+LEARNING_RATE = 2e-5
+KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
+        "decoder_loss_weights")
+
+
+def make_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  out = {k: np.zeros((batch, seq), np.float32 if k == "decoder_loss_weights" else np.int32) for k in KEYS}
+  for r in range(batch):
+    at, segment = 0, 1
+    while True:
+      prompt, answer = int(rng.integers(150, 451)), int(rng.integers(2, 25))
+      n = prompt + answer + 1  # + stop token
+      if at + n > seq:
+        if segment == 1:  # always at least one (truncated-prompt) example per row
+          prompt = seq - answer - 1
+          n = seq
+        else:
+          break
+      tokens = rng.integers(3, vocab, size=n + 1)  # input = tokens[:-1], target = tokens[1:]
+      out["decoder_input_tokens"][r, at:at + n] = tokens[:-1]
+      out["decoder_target_tokens"][r, at:at + n] = tokens[1:]
+      out["decoder_segment_ids"][r, at:at + n] = segment
+      out["decoder_positions"][r, at:at + n] = np.arange(n)
+      out["decoder_loss_weights"][r, at + prompt:at + n] = 1.0  # the answer and the stop token
+      at, segment = at + n, segment + 1
+      if at >= seq:
+        break
+  return out
+
+
+def train_flops(config, batch: dict) -> float:
+  """Matmul FLOPs of one step over the real tokens: 3 x (2 N per token + segment-causal attention) plus the LM
+  head (3 x 2 D V) at the answer positions only (where the loss looks)."""
+  import numpy as np
+  n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size
+  real = batch["decoder_segment_ids"] != 0
+  context = (batch["decoder_positions"] + 1)[real].astype(np.float64)
+  attn = 2 * 2 * config.num_heads * config.head_dim * config.num_layers * context.sum()
+  head = 2 * config.hidden_size * config.vocab_size * float((batch["decoder_loss_weights"] != 0).sum())
+  return 3 * (2 * n_layer_params * float(real.sum()) + attn + head)
+
+
+def side_prepare(args) -> dict:
+  import numpy as np
+  config = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())
+  batch = make_batch(args.batch, args.seq, config["vocab_size"])
+  np.savez(args.data, **batch)
+  real = batch["decoder_segment_ids"] != 0
+  return {"real_tokens": int(real.sum()), "answer_tokens": int((batch["decoder_loss_weights"] != 0).sum()),
+          "examples": int(sum(len(set(row[row != 0])) for row in batch["decoder_segment_ids"])),
+          "max_answer_tokens_per_row": int((batch["decoder_loss_weights"] != 0).sum(1).max())}
+
+
+def side_ours(args) -> dict:
+  import jax
+  import numpy as np
+  import optax
+  from rankrag_jax import sharding as sharding_lib
+  from rankrag_jax.convert.load import load_model
+  from rankrag_jax.training import optimizer as optimizer_lib
+  from rankrag_jax.training import step as step_lib
+  batch = dict(np.load(args.data))
+  config, params, _ = load_model(args.hf_dir)
+  if args.remat != "none":
+    import dataclasses
+    config = dataclasses.replace(config, remat_policy=args.remat)
+  mesh, rules = sharding_lib.make_mesh(), sharding_lib.logical_axis_rules()
+  schedule = optax.constant_schedule(LEARNING_RATE)
+  optimizer = optimizer_lib.make_optimizer(schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+  step_fn, state_shardings, data_shardings, _ = step_lib.jit_train_step(
+      config, optimizer, schedule, mesh, rules, max_loss_positions=args.max_loss_positions)
+  with step_lib.sharding_context(mesh, rules):
+    params = jax.device_put(params, state_shardings["params"])
+    state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, 0), out_shardings=state_shardings)(params)
+    del params
+    device_batch = {k: jax.device_put(batch[k], data_shardings[k]) for k in step_lib.BATCH_KEYS}
+    holder = {"state": state, "losses": []}
+
+    def run():
+      holder["state"], metrics = step_fn(holder["state"], device_batch)
+      holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
+
+    run()  # compile
+    probe = common.matmul_flops_probe()
+    load = common.machine_load()
+    times = common.time_repeats(run, args.repeats, warmup=0)
+  return {"seconds": times, "probe_flops": probe, "load": load, "losses": holder["losses"],
+          "flops": train_flops(config, batch)}
+
+
+def side_ref(args) -> dict:
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+  from transformers import LlamaForCausalLM
+  torch.set_num_threads(args.torch_threads)
+  b = {k: torch.from_numpy(v) for k, v in np.load(args.data).items()}
+  model = LlamaForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+  model.train()
+  decay = [p for p in model.parameters() if p.ndim >= 2]
+  no_decay = [p for p in model.parameters() if p.ndim < 2]
+  groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+  try:
+    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-8, fused=True)
+  except (RuntimeError, TypeError):
+    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-8)
+  seg = b["decoder_segment_ids"]
+  t = seg.shape[1]
+  causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+  mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & causal
+  mask = (mask | torch.eye(t, dtype=torch.bool))[:, None]  # pad rows attend to themselves: no NaN in sdpa
+  inputs, positions = b["decoder_input_tokens"].long(), b["decoder_positions"].long()
+  rows, cols = torch.nonzero(b["decoder_loss_weights"] != 0, as_tuple=True)
+  targets = b["decoder_target_tokens"].long()[rows, cols]
+  weights = b["decoder_loss_weights"][rows, cols]
+  losses = []
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    hidden = model.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+                         use_cache=False).last_hidden_state
+    logits = model.lm_head(hidden[rows, cols])
+    loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    losses.append(float(loss))
+
+  run()  # warm-up
+  load = common.machine_load()
+  times = common.time_repeats(run, args.repeats, warmup=0)
+  return {"seconds": times, "load": load, "losses": losses, "threads": torch.get_num_threads(),
+          "fused_adamw": bool(optimizer.defaults.get("fused"))}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--side", choices=("parent", "prepare", "ours", "ref"), default="parent")
+  parser.add_argument("--hf_dir", default="/tmp/rankrag_bench/smollm2_135m_instruct_hf")
+  parser.add_argument("--data", default="/tmp/rankrag_bench/train_batch.npz")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--seq", type=int, default=512)
+  parser.add_argument("--max_loss_positions", type=int, default=192)
+  parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--torch_threads", type=int, default=2)
+  args = parser.parse_args()
+  if args.side != "parent":
+    common.emit({"prepare": side_prepare, "ours": side_ours, "ref": side_ref}[args.side](args))
+    return
+
+  pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
+  ensure_hf_dir(args.hf_dir)
+  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds")]
+  script = str(pathlib.Path(__file__).resolve())
+  prep = common.run_side(script, "prepare", child_args)
+  print(f"batch {args.batch} x {args.seq}: {prep['examples']} packed examples, {prep['real_tokens']} real tokens, "
+        f"{prep['answer_tokens']} answer tokens (max {prep['max_answer_tokens_per_row']}/row)")
+  runs = {"ours": [], "ref": []}
+  for r in range(args.rounds):
+    for side in ("ours", "ref"):
+      res = common.run_side(script, side, child_args)
+      runs[side].append(res)
+      print(f"round {r} {side}: median {common.median(res['seconds']):.3f}s load {res['load']} "
+            f"rss {res['peak_rss_mib']} MiB losses {[round(x, 4) for x in res['losses'][:3]]}", flush=True)
+  tokens = args.batch * args.seq
+  ours_s = common.median([t for res in runs["ours"] for t in res["seconds"]])
+  ref_s = common.median([t for res in runs["ref"] for t in res["seconds"]])
+  probe = common.median([res["probe_flops"] for res in runs["ours"]])
+  flops = runs["ours"][0]["flops"]
+  summary = {
+      "benchmark": "train_step", "batch": args.batch, "seq": args.seq, "inputs": prep,
+      "ours_tokens_per_s": tokens / ours_s, "ref_tokens_per_s": tokens / ref_s, "ratio": ref_s / ours_s,
+      "ours_step_s": ours_s, "ref_step_s": ref_s, "probe_gflops": probe / 1e9,
+      "ours_mfu": flops / ours_s / probe, "ref_mfu": flops / ref_s / probe,
+      "first_loss_ours": runs["ours"][0]["losses"][0], "first_loss_ref": runs["ref"][0]["losses"][0],
+      "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
+      "ref_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ref"]),
+      "load": [res["load"] for side in ("ours", "ref") for res in runs[side]], "end_load": common.machine_load()}
+  print(f"ours {summary['ours_tokens_per_s']:.0f} tokens/s ({ours_s:.2f}s/step), transformers "
+        f"{summary['ref_tokens_per_s']:.0f} ({ref_s:.2f}s/step); ratio {summary['ratio']:.2f}x")
+  print(f"probe {probe / 1e9:.1f} GFLOP/s; MFU ours {summary['ours_mfu']:.1%}, ref {summary['ref_mfu']:.1%}; "
+        f"first loss ours {summary['first_loss_ours']:.5f} ref {summary['first_loss_ref']:.5f}; peak RSS ours "
+        f"{summary['ours_peak_rss_mib']} MiB, ref {summary['ref_peak_rss_mib']} MiB")
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()
