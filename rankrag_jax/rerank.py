@@ -12,6 +12,7 @@ log-sum-exp over the full vocabulary row so that P("True") is the model's actual
 
 import dataclasses
 import functools
+import math
 from typing import Callable, Sequence
 
 import gin
@@ -94,22 +95,37 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
   return length
 
 
-def _batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int, multiple: int):
+def suffix_bucket(length: int, multiple: int = 32) -> int:
+  """Padded suffix length: a multiple of `multiple` up to 16 multiples (<= 1/2 padding at the smallest, a few
+  percent at passage lengths), then `length_bucket`'s coarser steps so long prompts still compile few shapes."""
+  if length <= 16 * multiple:
+    return max(multiple, -(-length // multiple) * multiple)
+  return max(16 * multiple, length_bucket(length))
+
+
+def _batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int, multiple: int,
+             length_multiple: int = 32, row_multiple: int = 8):
   """Yields (row indices, bucket, padded rows): rows grouped by length bucket, each group cut into batches.
 
-  Full batches have rows_for(bucket) rows; a group's last batch is padded to a power of two instead, so each
-  bucket compiles at most a handful of shapes.
+  A group of m rows needs n = ceil(m / rows_for(bucket)) batches; they share the rows evenly, rounded up to a
+  power of two below `row_multiple` and to a multiple of it above (times the data-parallel `multiple`), so a
+  group's batches share one shape and little of it is padding rows (rounding the last batch up to a power of two
+  could waste nearly half of it).
   """
   by_bucket: dict[int, list[int]] = {}
   for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-    by_bucket.setdefault(length_bucket(lengths[i]), []).append(i)
+    by_bucket.setdefault(suffix_bucket(lengths[i], length_multiple), []).append(i)
   for bucket, members in sorted(by_bucket.items()):
     rows = max(1, min(max_batch_rows, max_batch_tokens // bucket))
-    rows = -(-rows // multiple) * multiple
-    for start in range(0, len(members), rows):
-      chunk = members[start:start + rows]
-      padded = min(rows, 1 << (len(chunk) - 1).bit_length())
-      yield chunk, bucket, -(-padded // multiple) * multiple
+    if rows >= row_multiple:
+      rows -= rows % row_multiple
+    num_batches = -(-len(members) // rows)
+    per_batch = -(-len(members) // num_batches)
+    padded = 1 << (per_batch - 1).bit_length() if per_batch < row_multiple else \
+        -(-per_batch // row_multiple) * row_multiple
+    padded = -(-padded // multiple) * multiple
+    for start in range(0, len(members), per_batch):
+      yield members[start:start + per_batch], bucket, padded
 
 
 @gin.configurable(denylist=["params", "config", "sequences", "answer_ids"])
