@@ -166,9 +166,9 @@ def test_without_reranker_keeps_the_retriever_order_and_fever_uses_given_ctxs(tm
   assert summary["examples"] == 1 and summary["Acc"] in (0.0, 100.0)
 
 
-@pytest.mark.skipif(not (assets.cache_root() / "default_blend" / "heldout.jsonl").is_file(),
-                    reason="the default blend is not built (python -m rankrag_jax.data.build)")
 def test_bm25_recall_on_a_real_heldout_slice_matches_a_direct_count(tmp_path):
+  from rankrag_jax.training.data import ensure_blend
+  ensure_blend()  # real data: builds the default blend on a fresh machine (~1 min), else reuses it.
   summary = evaluate.run_evaluation(dataset="blend:heldout.jsonl", corpus="blend:corpus.jsonl",
                                     out_dir=str(tmp_path), n=20, use_reranker=False, generate_answers=False,
                                     limit=25, recall_ks=(1, 20), show_progress=False, print_fn=lambda *_: None)
@@ -177,3 +177,6 @@ def test_bm25_recall_on_a_real_heldout_slice_matches_a_direct_count(tmp_path):
   direct = 100 * sum(r["gold_ids"][0] in [c["id"] for c in r["ranked"][:1]] for r in records) / 25
   assert summary["goldR@1"] == pytest.approx(direct)
   assert summary["R@1"] <= summary["R@20"] and summary["goldR@1"] <= summary["goldR@20"]
+  # A sane floor: disfl_qa questions paraphrase their own SQuAD paragraph, so BM25 finds it nearly always
+  # (96.7% Recall@20 on all 582 held-out questions, experiments/README.md); 80% catches a broken index.
+  assert summary["R@20"] >= 80.0
