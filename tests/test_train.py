@@ -213,6 +213,23 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
   assert latest == 8
 
 
+def test_next_stage_starts_from_the_previous_runs_params(tmp_path):
+  """Stage I -> Stage II by run directory, given as relative paths (the README's MODEL_DIR is relative)."""
+  stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+  relative1, relative2 = os.path.relpath(stage1, REPO), os.path.relpath(stage2, REPO)
+  subprocess.run(_train_command(relative1, "TRAIN_STEPS = 2"), cwd=REPO, env=_env(), check=True,
+                 capture_output=True, timeout=900)
+  # lr 0 (AdamW's decay is scaled by the lr too): Stage II's one step leaves Stage I's params exactly as read.
+  subprocess.run(_train_command(relative2, "TRAIN_STEPS = 1", f"INIT_CHECKPOINT = '{relative1}'",
+                                "LEARNING_RATE = 0.0", "WARMUP_STEPS = 0", "DECAY = 'constant'"), cwd=REPO,
+                 env=_env(), check=True, capture_output=True, timeout=900)
+  _, before = checkpointing.load_params_from_checkpoint(stage1)
+  _, after = checkpointing.load_params_from_checkpoint(stage2)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert checkpointing.Checkpointer(stage2 / "checkpoints").latest_step() == 1
+
+
 # -------------------------------------------------------------------------------------------- HF export
 def test_exported_checkpoint_loads_in_transformers_with_our_logits(tmp_path):
   torch = pytest.importorskip("torch")

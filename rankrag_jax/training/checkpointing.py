@@ -11,6 +11,7 @@ save (kill -9, pre-emption) never shows up as the latest step; leftovers are del
 
 import dataclasses
 import json
+import os
 
 from absl import logging
 from etils import epath
@@ -26,6 +27,11 @@ from rankrag_jax.model.config import LlamaConfig
 STATE, DATA = "state", "data"
 CHECKPOINTS_SUBDIR = "checkpoints"
 CONFIG_FILE = "config.json"
+
+
+def absolute_path(path) -> epath.Path:
+  """Orbax wants absolute paths: local ones are made absolute, remote ones (gs://...) kept."""
+  return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
 
 
 def config_to_json(config: LlamaConfig) -> dict:
@@ -60,7 +66,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory, save_every_steps: int = 100, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = absolute_path(directory)
     self.save_every_steps = save_every_steps
     options = ocp.CheckpointManagerOptions(
         # The loop decides when to save (only after checking the losses), so every save is forced.
@@ -107,7 +113,7 @@ class Checkpointer:
 
 def find_checkpoint_directory(path) -> epath.Path | None:
   """The checkpoints directory for `path` (a model_dir or its `checkpoints/`), or None if it is not one of ours."""
-  path = epath.Path(path)
+  path = absolute_path(path)
   for candidate in (path, path / CHECKPOINTS_SUBDIR):
     if (candidate / CONFIG_FILE).is_file() and any(p.name.isdigit() for p in candidate.iterdir()):
       return candidate

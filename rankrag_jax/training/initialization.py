@@ -10,6 +10,7 @@ The architecture comes from the checkpoint; numerics (dtype, param_dtype, scan_l
 Gin model config, which must agree with the checkpoint on every shape.
 """
 
+from collections.abc import Callable
 import dataclasses
 import pathlib
 import tempfile
@@ -51,18 +52,27 @@ def merge_configs(gin_config: LlamaConfig, checkpoint_config: LlamaConfig, sourc
   return merged
 
 
-def load_initial_params(init_checkpoint: str | None, gin_config: LlamaConfig) -> tuple[LlamaConfig, dict | None, object | None]:
-  """(config, host params or None for random init, tokenizer or None)."""
+def initial_params(init_checkpoint: str | None, gin_config: LlamaConfig) -> tuple[LlamaConfig, Callable, object]:
+  """(config, place(abstract_params, seed) -> params in their shards, tokenizer or None).
+
+  Our own checkpoints are read straight into the shards given by `abstract_params` (each host reads only its
+  part); HF/GGUF weights are read whole on every host, then placed; random params are created in place.
+  """
   if init_checkpoint is None:
-    return gin_config, None, None
+    return gin_config, lambda abstract, seed: random_params(gin_config, seed, _shardings(abstract)), None
   source = str(init_checkpoint)
   if checkpointing.find_checkpoint_directory(source) is not None:
     config = merge_configs(gin_config, checkpointing.read_checkpoint_config(source), source)
-    _, params = checkpointing.load_params_from_checkpoint(source)
-    return config, params, load_run_tokenizer(source)
+    place = lambda abstract, seed: checkpointing.load_params_from_checkpoint(source, abstract)[1]  # noqa: E731
+    return config, place, load_run_tokenizer(source)
   from rankrag_jax.convert import load as convert_load  # local: reads safetensors/gguf only when asked
   checkpoint_config, params, tokenizer = convert_load.load_model(source, dtype=gin_config.param_dtype)
-  return merge_configs(gin_config, checkpoint_config, source), params, tokenizer
+  config = merge_configs(gin_config, checkpoint_config, source)
+  return config, lambda abstract, seed: jax.device_put(params, _shardings(abstract)), tokenizer
+
+
+def _shardings(abstract):
+  return jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def random_params(config: LlamaConfig, seed: int, param_shardings) -> dict:

@@ -12,7 +12,6 @@ import pathlib
 import time
 
 from absl import logging
-from etils import epath
 import gin
 import jax
 from jax.experimental import multihost_utils
@@ -50,30 +49,107 @@ class TrainSummary:
   wall_seconds: float = 0.0
 
 
-def held_out_batches(batch_fn, *, num_batches: int, batch_size: int, sequence_length: int, seed: int) -> list:
-  """This host's share of the first `num_batches` "validation" batches, read once and reused by every eval."""
-  source = batch_fn(split="validation", batch_size=batch_size, sequence_length=sequence_length,
-                    shard_id=jax.process_index(), num_shards=jax.process_count(), seed=seed, start_batch=0)
-  batches = []
-  for _ in range(num_batches):
-    try:
-      batches.append(next(source))
-    except StopIteration:
-      break
-  return batches
+class HeldOut:
+  """Held-out ("validation") loss over the same first `num_batches` batches every time (read once, kept)."""
+
+  def __init__(self, batch_fn, eval_fn, data_shardings, *, num_batches: int, batch_size: int,
+               sequence_length: int, seed: int):
+    self._read = lambda: batch_fn(split="validation", batch_size=batch_size, sequence_length=sequence_length,
+                                  shard_id=jax.process_index(), num_shards=jax.process_count(), seed=seed,
+                                  start_batch=0)
+    self._eval_fn, self._data_shardings, self._num_batches = eval_fn, data_shardings, num_batches
+    self._batches = None
+
+  def _local_batches(self) -> list:
+    if self._batches is None:
+      source, self._batches = self._read(), []
+      for _ in range(self._num_batches):
+        try:
+          self._batches.append(next(source))
+        except StopIteration:
+          break
+    return self._batches
+
+  def metrics(self, params) -> dict:
+    """Answer-token loss and accuracy (sums over all batches, divided once)."""
+    totals = loss_lib.zero_sums()
+    for local in self._local_batches():
+      sums = self._eval_fn(params, data_lib.global_batch(local, self._data_shardings))
+      totals = jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = jax.device_get(totals)
+    weight = max(float(totals[loss_lib.WEIGHT_SUM]), 1e-8)
+    return {"eval/loss": float(totals[loss_lib.LOSS_SUM]) / weight,
+            "eval/accuracy": float(totals[loss_lib.CORRECT_SUM]) / weight, "eval/loss_tokens": weight,
+            "eval/batches": len(self._local_batches())}
+
+  def evaluate(self, params, step: int, writer: metrics_lib.MetricsWriter) -> float:
+    result = self.metrics(params)
+    writer.write(step, result)
+    writer.message(f"step {step}: held-out loss {result['eval/loss']:.4f}")
+    return result["eval/loss"]
 
 
-def evaluate(eval_fn, params, batches: list, data_shardings) -> dict:
-  """Answer-token loss and accuracy over `batches` (sums combined, then divided once)."""
-  totals = loss_lib.zero_sums()
-  for local in batches:
-    sums = eval_fn(params, data_lib.global_batch(local, data_shardings))
-    totals = jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.device_get(totals)
-  weight = max(float(totals[loss_lib.WEIGHT_SUM]), 1e-8)
-  return {"eval/loss": float(totals[loss_lib.LOSS_SUM]) / weight,
-          "eval/accuracy": float(totals[loss_lib.CORRECT_SUM]) / weight, "eval/loss_tokens": weight,
-          "eval/batches": len(batches)}
+def raise_if_non_finite(rows: list[dict], checkpointer: checkpointing.Checkpointer) -> None:
+  """Stops the run at the first NaN/inf loss or gradient norm, before anything computed from it is saved."""
+  bad = metrics_lib.first_non_finite(rows)
+  if bad is None:
+    return
+  checkpointer.wait()  # saves already under way hold good states: let them finish.
+  good = checkpointer.latest_step()
+  raise NonFiniteLossError(
+      f"non-finite training loss at step {bad['step']} (loss={bad['loss']}, grad_norm={bad['grad_norm']}); "
+      "stopping without saving. The last good checkpoint is "
+      + (f"step {good} in {checkpointer.directory}" if good is not None else "none (no step was saved)")
+      + "; lower the learning rate or inspect the data at that step before resuming.")
+
+
+@dataclasses.dataclass
+class Run:
+  """A started or resumed run: its model, compiled steps and where it stands."""
+  config: LlamaConfig
+  tokenizer: object
+  state: dict
+  data_position: dict
+  step_fn: object
+  eval_fn: object
+  data_shardings: dict
+  resumed: bool
+
+
+def start_or_resume(checkpointer: checkpointing.Checkpointer, model_dir, model_config: LlamaConfig,
+                    init_checkpoint: str | None, mesh, rules, *, seed: int, max_loss_positions: int | None,
+                    num_micro_batches: int) -> Run:
+  """Resumes from the newest checkpoint in `checkpointer`, else initialises from `init_checkpoint`.
+
+  The architecture is the init checkpoint's (or the resumed run's); numerics are the Gin config's.
+  """
+  resume_step = checkpointer.latest_step()
+  if resume_step is not None:
+    config = initialization.merge_configs(model_config, checkpointing.read_checkpoint_config(model_dir),
+                                          str(model_dir))
+    tokenizer = initialization.load_run_tokenizer(model_dir)
+  else:
+    config, place_initial_params, tokenizer = initialization.initial_params(init_checkpoint, model_config)
+  schedule = optimizer_lib.learning_rate_schedule()
+  optimizer = optimizer_lib.make_optimizer(schedule)
+  step_fn, state_shardings, data_shardings, abstract_state = step_lib.jit_train_step(
+      config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
+      num_micro_batches=num_micro_batches)
+  eval_fn = step_lib.jit_eval_step(config, mesh, rules, state_shardings["params"],
+                                   max_loss_positions=max_loss_positions)
+  with step_lib.sharding_context(mesh, rules):
+    if resume_step is not None:
+      state, data_position = checkpointer.restore(abstract_state, resume_step)
+      logging.info("resumed from step %d (data position %s)", resume_step, data_position)
+    else:
+      params = place_initial_params(abstract_state["params"], seed)
+      del place_initial_params  # drops the host copy of HF/GGUF weights
+      new_state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, seed),
+                          in_shardings=(state_shardings["params"],), out_shardings=state_shardings)
+      state, data_position = new_state(params), {TRAIN_POSITION_KEY: 0}
+      checkpointer.write_config(config)
+      initialization.save_run_tokenizer(tokenizer, model_dir)
+  return Run(config, tokenizer, state, data_position, step_fn, eval_fn, data_shardings, resume_step is not None)
 
 
 @gin.configurable
@@ -109,136 +185,79 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
     hf_export_dir: default `<model_dir>/hf` (a local path: the exporter writes with plain file I/O).
   """
   start_time = time.time()
-  model_dir = epath.Path(model_dir)
-  metrics_dir = epath.Path(metrics_dir) if metrics_dir else model_dir
+  model_dir = checkpointing.absolute_path(model_dir)
+  metrics_dir = checkpointing.absolute_path(metrics_dir) if metrics_dir else model_dir
   if export_hf and not hf_export_dir and "://" in str(model_dir):
     raise ValueError(f"model_dir {model_dir} is remote: set loop.train.hf_export_dir to a local directory")
   hf_export_dir = pathlib.Path(hf_export_dir or str(model_dir / "hf"))
-  hosts, host = jax.process_count(), jax.process_index()
+  hosts = jax.process_count()
   if batch_size % hosts:
     raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts ({hosts})")
-  host_batch = batch_size // hosts
   mesh, rules = sharding_lib.make_mesh(), sharding_lib.logical_axis_rules()
   checkpointer = checkpointing.Checkpointer(model_dir / checkpointing.CHECKPOINTS_SUBDIR)
-  resume_step = checkpointer.latest_step()
-
-  # The architecture is the init checkpoint's (or the resumed run's); numerics are Gin's.
-  tokenizer, init_params = None, None
-  if resume_step is not None:
-    config = initialization.merge_configs(model_config, checkpointing.read_checkpoint_config(model_dir),
-                                          str(model_dir))
-    tokenizer = initialization.load_run_tokenizer(model_dir)
-  else:
-    config, init_params, tokenizer = initialization.load_initial_params(init_checkpoint, model_config)
-
-  schedule = optimizer_lib.learning_rate_schedule()
-  optimizer = optimizer_lib.make_optimizer(schedule)
-  step_fn, state_shardings, data_shardings, abstract_state = step_lib.jit_train_step(
-      config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
-      num_micro_batches=num_micro_batches)
-  eval_fn = step_lib.jit_eval_step(config, mesh, rules, state_shardings["params"],
-                                   max_loss_positions=max_loss_positions)
-
-  with step_lib.sharding_context(mesh, rules):
-    if resume_step is not None:
-      state, data_position = checkpointer.restore(abstract_state, resume_step)
-      logging.info("resumed from step %d (data position %s)", resume_step, data_position)
-    else:
-      if init_params is None:
-        params = initialization.random_params(config, seed, state_shardings["params"])
-      else:
-        params = jax.device_put(init_params, state_shardings["params"])
-        del init_params
-      new_state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, seed),
-                          in_shardings=(state_shardings["params"],), out_shardings=state_shardings)
-      state, data_position = new_state(params), {TRAIN_POSITION_KEY: 0}
-      checkpointer.write_config(config)
-      initialization.save_run_tokenizer(tokenizer, model_dir)
-  first_step = int(jax.device_get(state["step"]))
-  source = batch_fn(split="train", batch_size=host_batch, sequence_length=sequence_length, shard_id=host,
-                    num_shards=hosts, seed=seed, start_batch=data_position[TRAIN_POSITION_KEY])
-  writer = metrics_lib.MetricsWriter(metrics_dir, total_steps, first_step, progress_bar=progress_bar)
-  flops_per_token = config.flops_per_token(sequence_length, training=True)
-  tokens_per_step = batch_size * sequence_length
-  summary = TrainSummary(str(model_dir), str(checkpointer.directory), str(metrics_dir / "tensorboard"),
-                         str(metrics_dir / "metrics.jsonl"), None, first_step, first_step)
-  eval_data = []
-
-  def run_eval():
-    if not eval_data:
-      eval_data.extend(held_out_batches(batch_fn, num_batches=eval_batches,
-                                        batch_size=(eval_batch_size or batch_size) // hosts,
-                                        sequence_length=sequence_length, seed=seed))
-    return evaluate(eval_fn, state["params"], eval_data, data_shardings)
-
-  writer.message(f"Training {config.num_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
-                 f"({jax.device_count()} {jax.devices()[0].platform} devices, {hosts} host(s)): steps "
-                 f"{first_step} -> {total_steps}, {batch_size} x {sequence_length} tokens/step. Run dir: {model_dir}")
+  writer = None
   try:
+    run = start_or_resume(checkpointer, model_dir, model_config, init_checkpoint, mesh, rules, seed=seed,
+                          max_loss_positions=max_loss_positions, num_micro_batches=num_micro_batches)
+    first_step = int(jax.device_get(run.state["step"]))
+    source = batch_fn(split="train", batch_size=batch_size // hosts, sequence_length=sequence_length,
+                      shard_id=jax.process_index(), num_shards=hosts, seed=seed,
+                      start_batch=run.data_position[TRAIN_POSITION_KEY])
+    writer = metrics_lib.MetricsWriter(metrics_dir, total_steps, first_step, progress_bar=progress_bar)
+    summary = TrainSummary(str(model_dir), str(checkpointer.directory), str(metrics_dir / "tensorboard"),
+                           str(metrics_dir / "metrics.jsonl"), None, first_step, first_step)
+    held_out = HeldOut(batch_fn, run.eval_fn, run.data_shardings, num_batches=eval_batches,
+                       batch_size=(eval_batch_size or batch_size) // hosts, sequence_length=sequence_length,
+                       seed=seed)
+    writer.message(f"Training {run.config.num_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
+                   f"({jax.device_count()} {jax.devices()[0].platform} devices, {hosts} host(s)): steps "
+                   f"{first_step} -> {total_steps}, {batch_size} x {sequence_length} tokens/step. Run dir: "
+                   f"{model_dir}")
+    if run.resumed and first_step >= total_steps:
+      writer.message(f"{model_dir} already holds step {first_step} of {total_steps}: nothing to train (a new "
+                     "MODEL_DIR starts a new run).")
     with step_lib.sharding_context(mesh, rules):
       if eval_at_start and first_step == 0 and eval_batches:
-        result = run_eval()
-        summary.initial_eval_loss = result["eval/loss"]
-        writer.write(0, result)
-        writer.message(f"step 0: held-out loss {result['eval/loss']:.4f}")
-      pending, warned_dropped = [], False
-      interval_start, interval_steps = time.time(), 0
-      for step in range(first_step, total_steps):
-        state, step_metrics = step_fn(state, data_lib.global_batch(next(source), data_shardings))
-        pending.append((step + 1, step_metrics))
-        interval_steps += 1
-        if step == first_step:  # the first call compiles: keep it out of tokens/s and MFU.
+        summary.initial_eval_loss = held_out.evaluate(run.state["params"], 0, writer)
+      pending = metrics_lib.PendingMetrics(batch_size * sequence_length,
+                                           run.config.flops_per_token(sequence_length), peak_flops_per_device,
+                                           jax.device_count())
+      warned_dropped = False
+      for step in range(first_step + 1, total_steps + 1):  # `step` counts updates done, as checkpoints do.
+        run.state, step_metrics = run.step_fn(run.state, data_lib.global_batch(next(source), run.data_shardings))
+        pending.add(step, step_metrics)
+        if step == first_step + 1:  # the first call compiles: keep it out of tokens/s and MFU.
           jax.block_until_ready(step_metrics)
-          writer.message(f"first step (compile + run) took {time.time() - interval_start:.1f}s")
-          interval_start, interval_steps = time.time(), 0
-        done = step + 1 == total_steps
-        save_due = (step + 1) % checkpointer.save_every_steps == 0 or done
-        if not (save_due or done or (step + 1) % log_every == 0):
+          writer.message(f"first step (compile + run) took {pending.restart_clock():.1f}s")
+        done = step == total_steps
+        save_due = step % checkpointer.save_every_steps == 0 or done
+        if not (save_due or done or step % log_every == 0):
           continue
-        # Fetch, check and write the steps since the last flush.
-        rows = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in pending]
-        pending = []
-        seconds = time.time() - interval_start
-        throughput = {}
-        if interval_steps:
-          tokens_per_second = interval_steps * tokens_per_step / max(seconds, 1e-9)
-          throughput = {"tokens_per_second": tokens_per_second, "seconds_per_step": seconds / interval_steps,
-                        "mfu": metrics_lib.mfu(tokens_per_second, flops_per_token, peak_flops_per_device,
-                                               jax.device_count())}
-        interval_start, interval_steps = time.time(), 0
+        rows = pending.flush()
         for row in rows:
-          writer.write(row["step"], {k: v for k, v in row.items() if k != "step"} | throughput)
-        bad = metrics_lib.first_non_finite(rows)
-        if bad is not None:
-          checkpointer.wait()
-          good = checkpointer.latest_step()
-          raise NonFiniteLossError(
-              f"non-finite training loss at step {bad['step']} (loss={bad['loss']}, grad_norm={bad['grad_norm']}); "
-              f"stopping without saving. The last good checkpoint is "
-              + (f"step {good} in {checkpointer.directory}" if good is not None else "none (no step was saved)")
-              + "; lower the learning rate or inspect the data at that step before resuming.")
+          writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
+        raise_if_non_finite(rows, checkpointer)  # before anything computed from a bad step is saved
         if not warned_dropped and any(row[loss_lib.DROPPED] for row in rows):
           warned_dropped = True
           writer.message(f"warning: some rows have more than max_loss_positions={max_loss_positions} answer "
                          "tokens; the surplus is left out of the loss (see training/loss.py). Raise it.")
-        last = rows[-1]
-        summary.final_train_loss, summary.last_step = last["loss"], last["step"]
-        writer.advance(step + 1, {"loss": last["loss"], "acc": last["accuracy"], "lr": last["learning_rate"],
-                                  **({"tok/s": throughput["tokens_per_second"]} if throughput else {})})
-        if eval_batches and (done or (eval_every and (step + 1) % eval_every == 0)):
-          result = run_eval()
-          summary.final_eval_loss = result["eval/loss"]
-          writer.write(step + 1, result)
-          writer.message(f"step {step + 1}: held-out loss {result['eval/loss']:.4f}")
+        summary.final_train_loss, summary.last_step = rows[-1]["loss"], step
+        writer.advance(step, rows[-1])
+        if eval_batches and (done or (eval_every and step % eval_every == 0)):
+          summary.final_eval_loss = held_out.evaluate(run.state["params"], step, writer)
         if save_due:
-          checkpointer.save(step + 1, state, {TRAIN_POSITION_KEY: source.position})
+          checkpointer.save(step, run.state, {TRAIN_POSITION_KEY: source.position})
+      if first_step >= total_steps and not run.resumed:  # a 0-step run (e.g. converting HF weights once)
+        checkpointer.save(first_step, run.state, {TRAIN_POSITION_KEY: source.position})
       checkpointer.wait()
       if export_hf:
-        summary.hf_export_dir = str(export_hf_checkpoint(hf_export_dir, config, state["params"], tokenizer))
+        summary.hf_export_dir = str(export_hf_checkpoint(hf_export_dir, run.config, run.state["params"],
+                                                         run.tokenizer))
   finally:
     checkpointer.wait()
     checkpointer.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   summary.wall_seconds = time.time() - start_time
   return summary
 

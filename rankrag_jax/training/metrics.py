@@ -7,6 +7,7 @@ step recomputed after a crash appears twice: the later line is the one that coun
 
 import json
 import math
+import time
 
 from etils import epath
 import jax
@@ -24,6 +25,42 @@ def first_non_finite(rows: list[dict], keys=("loss", "grad_norm")) -> dict | Non
     if any(key in row and not math.isfinite(row[key]) for key in keys):
       return row
   return None
+
+
+class PendingMetrics:
+  """Per-step metrics left on the device until a flush fetches them all, so the host does not wait on every
+  step; a flush also turns the wall time since the previous one into tokens/s and MFU."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops_per_device: float,
+               num_devices: int):
+    self._tokens_per_step, self._flops_per_token = tokens_per_step, flops_per_token
+    self._peak_flops_per_device, self._num_devices = peak_flops_per_device, num_devices
+    self._pending = []
+    self.restart_clock()
+
+  def restart_clock(self) -> float:
+    """Restarts the throughput clock (after compilation); returns the seconds since the last restart."""
+    now = time.time()
+    elapsed = now - getattr(self, "_start", now)
+    self._start, self._steps = now, 0
+    return elapsed
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._pending.append((step, metrics))
+    self._steps += 1
+
+  def flush(self) -> list[dict]:
+    rows = [{"step": s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in self._pending]
+    seconds, steps = time.time() - self._start, self._steps
+    if steps:
+      tokens_per_second = steps * self._tokens_per_step / max(seconds, 1e-9)
+      throughput = {"tokens_per_second": tokens_per_second, "seconds_per_step": seconds / steps,
+                    "mfu": mfu(tokens_per_second, self._flops_per_token, self._peak_flops_per_device,
+                                           self._num_devices)}
+      rows = [row | throughput for row in rows]
+    self._pending = []
+    self.restart_clock()
+    return rows
 
 
 class MetricsWriter:
@@ -51,10 +88,12 @@ class MetricsWriter:
     self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
     self._jsonl.flush()
 
-  def advance(self, step: int, postfix: dict) -> None:
+  def advance(self, step: int, row: dict) -> None:
+    """Moves the progress bar to `step`, showing that step's metrics."""
     if self._bar is not None:
+      shown = {"loss": "loss", "acc": "accuracy", "lr": "learning_rate", "tok/s": "tokens_per_second"}
       self._bar.n = step
-      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+      self._bar.set_postfix({k: f"{row[v]:.4g}" for k, v in shown.items() if v in row}, refresh=True)
 
   def message(self, text: str) -> None:
     if not self.enabled:

@@ -5,6 +5,7 @@ number of answer tokens, so an accumulated step is the same update as one big ba
 per-micro-batch means, weighting a micro-batch with few answer tokens as much as one with many).
 """
 
+from absl import logging
 import gin
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,10 @@ def learning_rate_schedule(peak_learning_rate: float = gin.REQUIRED, total_steps
   """Linear warmup from 0 to `peak_learning_rate`, then "cosine" decay to peak*final_fraction or "constant"."""
   if decay not in ("cosine", "constant"):
     raise ValueError(f"learning_rate_schedule.decay must be 'cosine' or 'constant', got {decay!r}")
-  if warmup_steps >= total_steps and decay == "cosine":
-    raise ValueError(f"warmup_steps={warmup_steps} must be < total_steps={total_steps} for cosine decay")
+  if warmup_steps >= total_steps > 0:
+    logging.warning("warmup_steps=%d >= total_steps=%d: warming up over %d steps instead", warmup_steps,
+                    total_steps, total_steps - 1)
+    warmup_steps = total_steps - 1
   warmup = optax.linear_schedule(0.0, peak_learning_rate, max(warmup_steps, 1))
   if decay == "cosine":
     after = optax.cosine_decay_schedule(peak_learning_rate, max(total_steps - warmup_steps, 1),

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax
 
 from rankrag_jax import sharding as sharding_lib
+from rankrag_jax.model import axes
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama
 from rankrag_jax.training import loss as loss_lib
@@ -71,15 +72,20 @@ def _micro_batches(batch: dict, num_micro_batches: int) -> dict:
     b = x.shape[0]
     if b % num_micro_batches:
       raise ValueError(f"batch size {b} is not divisible by num_micro_batches={num_micro_batches}")
-    x = x.reshape((b // num_micro_batches, num_micro_batches) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
+    x = jnp.swapaxes(x.reshape((b // num_micro_batches, num_micro_batches) + x.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(x, (None, axes.BATCH, axes.LENGTH))
   return jax.tree.map(split, batch)
+
+
+def _summed_loss(params, batch, *, model, max_loss_positions):
+  sums = loss_lib.loss_sums(params, batch, model=model, max_loss_positions=max_loss_positions)
+  return sums[loss_lib.LOSS_SUM], sums
 
 
 def _summed_grads(params, batch, *, model, max_loss_positions, num_micro_batches):
   """Gradient of the summed loss and the summed metrics, over micro-batches with a scan when A > 1."""
-  grad_fn = jax.grad(lambda p, b: (lambda s: (s[loss_lib.LOSS_SUM], s))(
-      loss_lib.loss_sums(p, b, model=model, max_loss_positions=max_loss_positions)), has_aux=True)
+  grad_fn = jax.grad(functools.partial(_summed_loss, model=model, max_loss_positions=max_loss_positions),
+                     has_aux=True)
   if num_micro_batches == 1:
     return grad_fn(params, batch)
 
