@@ -22,8 +22,10 @@ raises `sharding.MeshError` before anything is traced.
 """
 
 from collections.abc import Callable, Sequence
+import copy
 import dataclasses
 import inspect
+import json
 import os
 import time
 
@@ -34,8 +36,8 @@ import jax
 from jax.experimental import topologies
 import jax.numpy as jnp
 
+from rankrag_jax import cli
 from rankrag_jax import rerank
-from rankrag_jax import train as train_cli
 from rankrag_jax import sharding
 from rankrag_jax.model import axes
 from rankrag_jax.model import llama
@@ -105,6 +107,7 @@ class Workload:
   tokens_per_row: int
   model_flops: float  # per call, all chips
   model_flops_formula: str
+  executed_flops: float  # what the compiled program should count: + remat recompute, full TxT attention, ...
   description: str
 
 
@@ -120,8 +123,8 @@ class CompiledFigures:
   alias_bytes: int
   temp_bytes: int
   code_bytes: int
-  xla_flops_per_chip: float  # layer-extrapolated, see module docstring
-  estimated_seconds: float   # layer-extrapolated XLA cost-model time of one call
+  xla_flops_per_chip: float | None  # layer-extrapolated (module docstring); None when cost analysis is skipped
+  estimated_seconds: float | None   # layer-extrapolated XLA cost-model time of one call
   compile_seconds: float
 
   @property
@@ -173,11 +176,11 @@ def layer_extrapolated_cost(workload: Workload, mesh, rules) -> tuple[float, flo
   return flops1 + extra * (flops2 - flops1), secs1 + extra * (secs2 - secs1)
 
 
-def compile_workload(workload: Workload, mesh, chip: ChipSpec, rules) -> CompiledFigures:
+def compile_workload(workload: Workload, mesh, chip: ChipSpec, rules, cost: bool = True) -> CompiledFigures:
   start = time.perf_counter()
   compiled = _compile(workload.build(workload.config), mesh, rules)
   memory = compiled.memory_analysis()
-  flops_per_chip, seconds = layer_extrapolated_cost(workload, mesh, rules)
+  flops_per_chip, seconds = layer_extrapolated_cost(workload, mesh, rules) if cost else (None, None)
   return CompiledFigures(
       workload=workload, mesh_shape=dict(mesh.shape), num_chips=mesh.size, chip=chip,
       argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
@@ -194,11 +197,33 @@ def _attention_flops(config: LlamaConfig, query_tokens: float, mean_keys: float)
   return 4 * config.num_heads * config.head_dim * config.num_layers * query_tokens * mean_keys
 
 
+def executed_train_flops(config: LlamaConfig, rows: int, seq_len: int, loss_positions: int) -> float:
+  """Matmul FLOPs the compiled train step performs, as opposed to the 6·N·tokens + causal-attention convention.
+
+  Differences: the LM head runs on `loss_positions` per row only; masked attention computes the full T x T square
+  (forward, then 2x that backward); remat recomputes in the backward pass: 'full' the whole layer forward, 'dots'
+  the attention matmuls (they have batch dimensions, which that policy does not save).
+  """
+  tokens = rows * seq_len
+  head = config.hidden_size * config.vocab_size
+  layers = config.flops_per_token(0, training=False) / 2 - head  # decoder-layer matmul params
+  attention = _attention_flops(config, tokens, seq_len)
+  recompute = {"none": 0.0, "dots": attention, "full": attention + 2 * layers * tokens}[config.remat_policy]
+  return 6 * layers * tokens + 6 * head * rows * loss_positions + 3 * attention + recompute
+
+
+_TRAIN_SETTINGS = ("model_config", "batch_size", "sequence_length", "num_micro_batches", "max_loss_positions")
+
+
 def stage2_train_settings() -> dict:
-  """`loop.train`'s arguments as the parsed Gin config binds them (its defaults where unbound)."""
-  settings = {name: p.default for name, p in inspect.signature(loop.train).parameters.items()}
-  settings.update(gin.get_bindings(loop.train))
-  return settings
+  """The `loop.train` arguments that shape the step, as the parsed Gin binds them (its defaults where unbound).
+
+  Only these are evaluated, so run-only settings (INIT_CHECKPOINT, TOKENIZER_PATH, ...) may stay REQUIRED.
+  """
+  defaults = {name: p.default for name, p in inspect.signature(loop.train).parameters.items()}
+  bound = gin.get_bindings(loop.train, resolve_references=False)
+  # deepcopy is how Gin evaluates a binding's references and macros (gin.get_bindings does the same).
+  return {name: copy.deepcopy(bound[name]) if name in bound else defaults[name] for name in _TRAIN_SETTINGS}
 
 
 def stage2_train_workload(mesh, rules) -> Workload:
@@ -229,6 +254,7 @@ def stage2_train_workload(mesh, rules) -> Workload:
       name="train_step", kind="train", config=config, build=build, rows=batch_size, tokens_per_row=seq_len,
       model_flops=config.flops_per_token(seq_len, training=True) * tokens,
       model_flops_formula="6·N·tokens + causal attention",
+      executed_flops=executed_train_flops(config, batch_size, seq_len, loss_positions),
       description=(f"Stage-II train step: {config.num_params / 1e9:.2f}B params in "
                    f"{jnp.dtype(config.param_dtype).name}, compute {jnp.dtype(config.dtype).name}, AdamW f32 "
                    f"moments, remat={config.remat_policy}, scan_layers={config.scan_layers}, batch {batch_size} x "
@@ -278,16 +304,19 @@ def score_workload(mesh, rules, rows_per_data_shard: int = 64,
       name="score_passages", kind="score", config=config, build=build, rows=rows, tokens_per_row=suffix_len,
       model_flops=model_flops,
       model_flops_formula="2·N·suffix tokens + causal attention over prefix+suffix, LM head at 1 position/row",
+      executed_flops=model_flops + _attention_flops(config, rows * suffix_len, suffix_len / 2),  # full square
       description=(f"P(\"True\") scoring kernel (rerank.score_token_batch), bf16: {rows} passages x {suffix_len} "
                    f"suffix tokens after a shared {prefix_len}-token prefix cache"))
 
 
 @gin.configurable
-def compile_for_topology(topology: str, score: bool = True) -> list[CompiledFigures]:
+def compile_for_topology(topology: str, score: bool = True, cost: bool = True,
+                         results_jsonl: str | None = None) -> list[CompiledFigures]:
   """Compiles the train step (and the scoring kernel) for `topology`, printing and returning their figures.
 
   The mesh and logical-axis rules come from Gin (`make_mesh.*`, `logical_axis_rules.overrides`) exactly as
   `train` builds them, but over the slice's compile-only devices; mesh errors raise before any tracing.
+  `cost=False` skips the 1- and 2-layer compiles (memory only); `results_jsonl` appends one record per program.
   """
   chip = chip_spec(topology)
   mesh = sharding.make_mesh(devices=topology_devices(topology))
@@ -298,9 +327,29 @@ def compile_for_topology(topology: str, score: bool = True) -> list[CompiledFigu
     workloads.append(score_workload(mesh, rules))
   figures = []
   for workload in workloads:
-    figures.append(compile_workload(workload, mesh, chip, rules))
+    figures.append(compile_workload(workload, mesh, chip, rules, cost=cost))
     print(format_figures(figures[-1]), flush=True)
+    if results_jsonl:
+      with open(results_jsonl, "a") as f:
+        f.write(json.dumps(figures_record(figures[-1], topology)) + "\n")
   return figures
+
+
+def figures_record(fig: CompiledFigures, topology: str) -> dict:
+  """A flat JSON-able summary (what experiments/tpu/README.md tabulates)."""
+  work, has_cost = fig.workload, fig.estimated_seconds is not None
+  return {"program": work.name, "topology": topology, "chips": fig.num_chips, "mesh": fig.mesh_shape,
+          "params_b": round(work.config.num_params / 1e9, 2), "remat": work.config.remat_policy,
+          "description": work.description, "peak_gib": round(fig.peak_bytes / _GIB, 2),
+          "argument_gib": round(fig.argument_bytes / _GIB, 2), "temp_gib": round(fig.temp_bytes / _GIB, 2),
+          "output_gib": round(fig.output_bytes / _GIB, 2), "alias_gib": round(fig.alias_bytes / _GIB, 2),
+          "fits": fig.fits, "model_flops": work.model_flops, "executed_flops": work.executed_flops,
+          "xla_flops": fig.xla_flops if has_cost else None,
+          "estimated_seconds": fig.estimated_seconds, "mfu": fig.mfu if has_cost else None,
+          "stage2_hours": fig.stage2_hours if has_cost and work.kind == "train" else None,
+          "passages_per_second_per_chip": (fig.passages_per_second_per_chip
+                                           if has_cost and work.kind == "score" else None),
+          "compile_seconds": round(fig.compile_seconds)}
 
 
 def format_figures(fig: CompiledFigures) -> str:
@@ -313,8 +362,14 @@ def format_figures(fig: CompiledFigures) -> str:
       f"(aliased to donated inputs {gib(fig.alias_bytes)}), temp {gib(fig.temp_bytes)}, code {gib(fig.code_bytes)}",
       f"   peak {gib(fig.peak_bytes)} of {gib(fig.chip.hbm_bytes)} HBM "
       f"({100 * fig.peak_bytes / fig.chip.hbm_bytes:.0f}%): {'FITS' if fig.fits else 'DOES NOT FIT'}",
+  ]
+  if fig.estimated_seconds is None:
+    return "\n".join(lines + ["   (cost analysis skipped: --nocost)"])
+  lines += [
       f"   FLOPs per call: XLA {fig.xla_flops:.4g}; model {work.model_flops:.4g} ({work.model_flops_formula}); "
       f"XLA/model = {fig.xla_flops / work.model_flops:.3f}",
+      f"   FLOPs the compiled program should execute (remat recompute, full TxT attention, LM head rows): "
+      f"{work.executed_flops:.4g}; XLA/that = {fig.xla_flops / work.executed_flops:.3f}",
       f"   XLA estimated time per call {fig.estimated_seconds * 1e3:.1f} ms -> MFU {100 * fig.mfu:.1f}% "
       f"(of {fig.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip)",
   ]
@@ -327,17 +382,21 @@ def format_figures(fig: CompiledFigures) -> str:
   return "\n".join(lines)
 
 
-# --gin_file, --gin_bindings, --gin_search_paths are train's own flags (rankrag_jax/train.py), parsed the same way.
+# --gin_file, --gin_bindings, --gin_search_paths are every command's (rankrag_jax/cli.py), parsed as `train` does.
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU slice: v5p:2x4x4 (v5p-64, 32 chips), v5p:4x4x4 "
                                 "(v5p-128, 64 chips), v5p:4x4x8 (v5p-256, 128 chips).")
 _SCORE = flags.DEFINE_bool("score", True, "Also compile the P(\"True\") scoring kernel.")
+_COST = flags.DEFINE_bool("cost", True, "Also compile 1- and 2-layer unrolled variants for XLA's FLOPs and time.")
+_RESULTS = flags.DEFINE_string("results_jsonl", None, "Append one JSON record per compiled program here.")
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   jax.config.update("jax_platforms", "cpu")  # the host runs nothing; the TPU devices are the topology's
-  train_cli.parse_gin(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings, flags.FLAGS.gin_search_paths)
-  compile_for_topology(_TOPOLOGY.value, score=_SCORE.value)
+  # --gin_file / --gin_bindings / --gin_search_paths, as `train` parses them; not finalized, so run-only macros
+  # the model gins leave REQUIRED (INIT_CHECKPOINT, TOKENIZER_PATH) need not be given to compile.
+  cli.parse_gin(finalize=False)
+  compile_for_topology(_TOPOLOGY.value, score=_SCORE.value, cost=_COST.value, results_jsonl=_RESULTS.value)
 
 
 if __name__ == "__main__":

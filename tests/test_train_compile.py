@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("libtpu")
 
 from rankrag_jax import sharding  # noqa: E402
-from rankrag_jax import train as train_cli  # noqa: E402
+from rankrag_jax import cli  # noqa: E402
 from rankrag_jax import train_compile  # noqa: E402
 from rankrag_jax.model import config as config_lib  # noqa: E402
 
@@ -38,7 +38,7 @@ def bind():
   """Parses train's Gin files + TINY_BINDINGS + `extra` as `train` does; clears the config afterwards."""
   def parse(*extra):
     gin.clear_config()
-    train_cli.parse_gin(GIN_FILES, TINY_BINDINGS + list(extra))
+    cli.parse_gin(GIN_FILES, TINY_BINDINGS + list(extra), search_paths=())
   yield parse
   gin.clear_config()
 
@@ -115,7 +115,28 @@ def test_xla_flops_per_step_match_6n_tokens_plus_attention(bind):
   assert seconds > 0
   xla_flops = flops_per_chip * mesh.size
   assert xla_flops == pytest.approx(workload.model_flops, rel=0.10)
+  # ... and the finer accounting of what the program executes (full T x T attention square) closer still.
+  assert xla_flops == pytest.approx(workload.executed_flops, rel=0.05)
   # The 1-and-2-layer extrapolation to 3 layers equals the 3-layer unrolled compile.
   unrolled = dataclasses.replace(workload.config, scan_layers=False)
   direct_flops, _ = train_compile._cost(train_compile._compile(workload.build(unrolled), mesh, rules))
   assert flops_per_chip == pytest.approx(direct_flops, rel=0.01)
+
+
+@pytest.mark.parametrize("model_gin", ["llama3_8b", "llama3_70b"])
+@pytest.mark.parametrize("mesh_gin,topology", [("tpu_v5p_64", "v5p:2x4x4"), ("tpu_v5p_128", "v5p:4x4x4"),
+                                               ("tpu_v5p_256", "v5p:4x4x8")])
+def test_pod_gins_shard_every_array_of_both_programs_on_their_slice(model_gin, mesh_gin, topology):
+  """The real gins: mesh fills the slice, rules name real axes, every dimension divides. Tracing only."""
+  gin.clear_config()
+  try:
+    cli.parse_gin(["gin_configs/stage2.gin", f"gin_configs/models/{model_gin}.gin",
+                   f"gin_configs/meshes/{mesh_gin}.gin"], [], search_paths=(), finalize=False)
+    mesh = sharding.make_mesh(devices=train_compile.topology_devices(topology))
+    rules = sharding.logical_axis_rules()
+    assert mesh.size == len(train_compile.topology_devices(topology))
+    for workload in (train_compile.stage2_train_workload(mesh, rules), train_compile.score_workload(mesh, rules)):
+      program = workload.build(workload.config)
+      assert program.abstract_args
+  finally:
+    gin.clear_config()
