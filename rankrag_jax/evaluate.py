@@ -192,7 +192,7 @@ def example_metrics(example: dict, ranked: Sequence[dict], answer: str | None, t
       out["EM"] = metrics.exact_match_score(answer, example["answers"])
       out["F1"] = metrics.f1_score(answer, example["answers"])
   texts, ids = [c["text"] for c in ranked], [c["id"] for c in ranked]
-  for k in recall_ks:
+  for k in (k for k in recall_ks if k <= len(ranked)):  # no Recall@20 for a run that kept 5 candidates.
     if task != "fever":
       out[f"R@{k}"] = metrics.answer_recall_at_k(texts, example["answers"], k)
     if example["gold_ids"]:
