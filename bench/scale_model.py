@@ -159,7 +159,7 @@ def predict(cfg_name: str, mesh: Mesh, batch: int = 64, seq: int = 4096, steps: 
       mesh.data_bytes_per_s or chip.link_bytes_per_s)
   exposed = max(0.0, fsdp_s + dp_s - compute_s) + tp_s
   step_s = compute_s + exposed
-  micro = 1
+  micro = 1  # gradient accumulation (num_micro_batches) needed for the activations to fit, if any does
   mem = memory_per_chip(cfg, mesh, batch, seq, remat, micro)
   while not mem["fits"] and micro < batch / (mesh.data * mesh.fsdp):
     micro *= 2
@@ -208,7 +208,7 @@ def main():
   for r in rows:
     m = r["memory"]
     print(f"{r['model']:<11}{r['mesh']:<38}{r['remat']:<6}{m['total_gib']:>13.1f}{('yes' if m['fits'] else 'NO'):>5}"
-          f"{r['micro_batches_to_fit']:>7}{r['compute_s']:>10.2f}{r['fsdp_collectives_s']:>8.2f}"
+          f"{(r['micro_batches_to_fit'] if m['fits'] else '-'):>7}{r['compute_s']:>10.2f}{r['fsdp_collectives_s']:>8.2f}"
           f"{r['tensor_allreduce_s']:>6.2f}{r['step_s']:>8.2f}{r['mfu']:>6.0%}{r['stage2_hours']:>11.2f}"
           f"{r['chip_hours']:>8.0f}")
   for name in ("llama3_8b", "llama3_70b"):

@@ -10,9 +10,10 @@ sides then compute log P("True"), log P("False") under the full next-token softm
   ours: `rerank.score_token_sequences` (shared-prefix KV cache, length buckets, last-position LM head) on the
         params `load_model` reads from the exported HF directory;
   reference: transformers `LlamaForCausalLM` (f32, sdpa, `torch.inference_mode`, 2 threads) from that same
-        directory, rows sorted by length and batched, left-padded with explicit position ids so the last real
-        token sits at -1 and `logits_to_keep=1` projects only it (the strongest batched forward transformers
-        offers; a right-padded forward with full [B, T, V] logits is also timed as `ref_full_logits`).
+        directory: batches of `--ref_batch` passages in the given order, right-padded with an attention mask,
+        full logits, the last real position's row, log-softmax. Also timed (interleaved, same child): the
+        strongest batched forward transformers offers -- rows sorted by length, left-padded with explicit
+        position ids so the last real token sits at -1, and `logits_to_keep=1` so only it reaches the LM head.
 
 Sides run in separate child processes (alternating, `--rounds` times) after a warm-up call; the parent prints
 medians, the ratio ours/reference, MFU against the f32 matmul FLOP/s probed in the same run, peak RSS, machine load,
@@ -125,8 +126,8 @@ def side_ours(args) -> dict:
           "full_prompt_flops": full_prompt_flops(config, sequences)}
 
 
-def _reference_batches(sequences, batch_size):
-  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+def _reference_batches(sequences, batch_size, sort):
+  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i])) if sort else list(range(len(sequences)))
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -138,10 +139,13 @@ def side_ref(args) -> dict:
   data = json.loads(pathlib.Path(args.data).read_text())
   sequences, (true_id, false_id) = data["sequences"], data["answer_ids"]
   model = LlamaForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
-  batches = _reference_batches(sequences, args.ref_batch)
 
-  def run(full_logits=False, only_first_batch=False):
+  def run(strong=False, only_first_batch=False):
+    """strong=False: the plain batched forward (passages in the given order, right-padded, full [B, T, V] logits,
+    the last real position's row). strong=True: rows sorted by length, left-padded with explicit positions so
+    the last real token is at -1, and `logits_to_keep=1` (only that position reaches the LM head)."""
     out = np.zeros((len(sequences), 2), np.float32)
+    batches = _reference_batches(sequences, args.ref_batch, sort=strong)
     with torch.inference_mode():
       for rows in batches[:1] if only_first_batch else batches:
         width = max(len(sequences[i]) for i in rows)
@@ -149,26 +153,30 @@ def side_ref(args) -> dict:
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
           n = len(sequences[i])
-          if full_logits:  # right padding, every position projected, then gather the last real one
-            ids[r, :n], mask[r, :n] = torch.tensor(sequences[i]), 1
-          else:  # left padding: the last real token is at -1 for every row
+          if strong:
             ids[r, width - n:], mask[r, width - n:] = torch.tensor(sequences[i]), 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if full_logits:
-          logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-          last = logits[torch.arange(len(rows)), mask.sum(-1) - 1]
-        else:
+          else:
+            ids[r, :n], mask[r, :n] = torch.tensor(sequences[i]), 1
+        if strong:
+          positions = (mask.cumsum(-1) - 1).clamp(min=0)
           last = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        else:
+          logits = model(input_ids=ids, attention_mask=mask).logits
+          last = logits[torch.arange(len(rows)), mask.sum(-1) - 1]
         log_probs = torch.log_softmax(last.float(), dim=-1)[:, [true_id, false_id]]
         out[rows] = log_probs.numpy()
     return out
 
   run(only_first_batch=True)  # warm-up
   load = common.machine_load()
-  times = common.time_repeats(run, args.repeats, warmup=0)
-  log_probs = run()
-  full_times = common.time_repeats(lambda: run(full_logits=True), 1, warmup=0) if args.ref_full_logits else []
-  return {"seconds": times, "full_logits_seconds": full_times, "load": load,
+  times, strong_times, log_probs = [], [], None
+  for _ in range(args.repeats):  # interleaved, so both variants see the same load
+    start = time.perf_counter()
+    plain = run()
+    times.append(time.perf_counter() - start)
+    log_probs = plain if log_probs is None else log_probs
+    strong_times += common.time_repeats(lambda: run(strong=True), 1, warmup=0) if args.ref_strong else []
+  return {"seconds": times, "strong_seconds": strong_times, "load": load, "end_load": common.machine_load(),
           "p_true": np.exp(log_probs[:, 0]).tolist(), "threads": torch.get_num_threads()}
 
 
@@ -183,8 +191,11 @@ def main():
   parser.add_argument("--ref_batch", type=int, default=25)
   parser.add_argument("--torch_threads", type=int, default=2)
   parser.add_argument("--end_to_end", type=int, default=0, help="also time score_passages incl. tokenisation")
-  parser.add_argument("--ref_full_logits", type=int, default=0,
-                      help="also time a right-padded reference forward with full [B, T, V] logits")
+  parser.add_argument("--ref_strong", type=int, default=1,
+                      help="also time the strongest transformers variant (sorted, left-padded, logits_to_keep=1)")
+  parser.add_argument("--concurrent", type=int, default=0,
+                      help="run the ours and ref children at the same time (each 2 threads) so that both see the "
+                           "same machine load; use on a machine shared with other jobs")
   args = parser.parse_args()
   if args.side != "parent":
     result = {"prepare": side_prepare, "ours": side_ours, "ref": side_ref}[args.side](args)
@@ -193,7 +204,7 @@ def main():
 
   pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
   ensure_hf_dir(args.hf_dir)
-  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds")]
+  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds", "concurrent")]
   script = str(pathlib.Path(__file__).resolve())
   prep = common.run_side(script, "prepare", child_args)
   print(f"inputs: {args.num_passages} passages, passage tokens mean {prep['passage_tokens_mean']:.0f}, prompt "
@@ -201,8 +212,15 @@ def main():
         f" shared prefix {prep['shared_prefix']}")
   runs = {"ours": [], "ref": []}
   for r in range(args.rounds):
+    if args.concurrent:
+      from concurrent.futures import ThreadPoolExecutor
+      with ThreadPoolExecutor(2) as pool:
+        futures = {side: pool.submit(common.run_side, script, side, child_args) for side in ("ours", "ref")}
+        results = {side: f.result() for side, f in futures.items()}
+    else:
+      results = {side: common.run_side(script, side, child_args) for side in ("ours", "ref")}
     for side in ("ours", "ref"):
-      res = common.run_side(script, side, child_args)
+      res = results[side]
       runs[side].append(res)
       print(f"round {r} {side}: median {common.median(res['seconds']):.3f}s load {res['load']} "
             f"rss {res['peak_rss_mib']} MiB", flush=True)
@@ -210,7 +228,7 @@ def main():
   ours_s = common.median([t for res in runs["ours"] for t in res["seconds"]])
   ref_s = common.median([t for res in runs["ref"] for t in res["seconds"]])
   med = lambda xs: common.median(xs) if xs else float("nan")
-  ref_full_s = med([t for res in runs["ref"] for t in res["full_logits_seconds"]])
+  ref_strong_s = med([t for res in runs["ref"] for t in res["strong_seconds"]])
   e2e_s = med([t for res in runs["ours"] for t in res["end_to_end_seconds"]])
   probe = common.median([res["probe_flops"] for res in runs["ours"]])
   flops, full_flops = runs["ours"][0]["flops"], runs["ours"][0]["full_prompt_flops"]
@@ -218,18 +236,20 @@ def main():
   summary = {
       "benchmark": "score", "num_passages": n, "inputs": prep,
       "ours_passages_per_s": n / ours_s, "ref_passages_per_s": n / ref_s,
-      "ref_full_logits_passages_per_s": n / ref_full_s, "ours_end_to_end_passages_per_s": n / e2e_s,
-      "ratio": ref_s / ours_s, "ratio_vs_ref_full_logits": ref_full_s / ours_s,
+      "ref_strong_passages_per_s": n / ref_strong_s, "ours_end_to_end_passages_per_s": n / e2e_s,
+      "ratio": ref_s / ours_s, "ratio_vs_ref_strong": ref_strong_s / ours_s,
       "probe_gflops": probe / 1e9,
-      "ours_mfu": flops / ours_s / probe, "ref_mfu": full_flops / ref_s / probe,
+      "ours_mfu": flops / ours_s / probe, "ref_mfu": full_flops / ref_s / probe, "ref_strong_mfu": full_flops / ref_strong_s / probe,
       "ours_full_prompt_equivalent_mfu": full_flops / ours_s / probe,
       "max_abs_p_true_diff": dp,
       "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
       "ref_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ref"]),
-      "load": [res["load"] for side in ("ours", "ref") for res in runs[side]], "end_load": common.machine_load()}
+      "load": [res["load"] for side in ("ours", "ref") for res in runs[side]], "end_load": common.machine_load(),
+      "concurrent": bool(args.concurrent)}
   print(f"ours {summary['ours_passages_per_s']:.1f} passages/s (end-to-end incl. tokenisation "
         f"{summary['ours_end_to_end_passages_per_s']:.1f}), transformers {summary['ref_passages_per_s']:.1f} "
-        f"(full-logits variant {summary['ref_full_logits_passages_per_s']:.1f}); ratio {summary['ratio']:.2f}x")
+        f"(sorted/left-pad/logits_to_keep=1 variant {summary['ref_strong_passages_per_s']:.1f}); ratio "
+        f"{summary['ratio']:.2f}x ({summary['ratio_vs_ref_strong']:.2f}x vs the strong variant)")
   print(f"probe {probe / 1e9:.1f} GFLOP/s f32; MFU ours {summary['ours_mfu']:.1%} (executed FLOPs), "
         f"{summary['ours_full_prompt_equivalent_mfu']:.1%} (full-prompt equivalent); ref {summary['ref_mfu']:.1%}")
   print(f"peak RSS ours {summary['ours_peak_rss_mib']} MiB, ref {summary['ref_peak_rss_mib']} MiB; "
