@@ -75,9 +75,11 @@ class Mesh:
 
 
 IB = 50e9
+# The first four match gin_configs/meshes/{tpu_v5p_64,tpu_v5p_128,tpu_v5p_256,gpu_8xh100}.gin.
 MESHES = (
     Mesh("v5p-64 (32 chips) fsdp 32", V5P, 1, 32, 1),
     Mesh("v5p-128 (64 chips) fsdp 64", V5P, 1, 64, 1),
+    Mesh("v5p-256 (128 chips) fsdp 64 x tensor 2", V5P, 1, 64, 2),
     Mesh("8xH100 (1 node) fsdp 8", H100, 1, 8, 1),
     Mesh("8xH100 (1 node) fsdp 4 x tensor 2", H100, 1, 4, 2),
     Mesh("32xH100 (4 nodes) fsdp 32", H100, 1, 32, 1, fsdp_bytes_per_s=IB),
@@ -201,13 +203,13 @@ def main():
           f"{fl['model'] / 1e15:.1f} PFLOP model FLOPs (6N·tokens + attention + answer-only LM head; "
           f"flops_per_token gives {fl['check_flops_per_token'] / 1e15:.1f}); {args.steps} steps = "
           f"{fl['model'] * args.steps / 1e18:.0f} EFLOP")
-  header = (f"{'model':<11}{'mesh':<38}{'remat':<6}{'mem/chip GiB':>13}{'fits':>5}{'ubatch':>7}{'compute s':>10}"
+  header = (f"{'model':<11}{'mesh':<40}{'remat':<6}{'mem/chip GiB':>13}{'fits':>5}{'ubatch':>7}{'compute s':>10}"
             f"{'FSDP s':>8}{'TP s':>6}{'step s':>8}{'MFU':>6}{'Stage II h':>11}{'chip-h':>8}")
   print(header)
   print("-" * len(header))
   for r in rows:
     m = r["memory"]
-    print(f"{r['model']:<11}{r['mesh']:<38}{r['remat']:<6}{m['total_gib']:>13.1f}{('yes' if m['fits'] else 'NO'):>5}"
+    print(f"{r['model']:<11}{r['mesh']:<40}{r['remat']:<6}{m['total_gib']:>13.1f}{('yes' if m['fits'] else 'NO'):>5}"
           f"{(r['micro_batches_to_fit'] if m['fits'] else '-'):>7}{r['compute_s']:>10.2f}{r['fsdp_collectives_s']:>8.2f}"
           f"{r['tensor_allreduce_s']:>6.2f}{r['step_s']:>8.2f}{r['mfu']:>6.0%}{r['stage2_hours']:>11.2f}"
           f"{r['chip_hours']:>8.0f}")
