@@ -106,6 +106,16 @@ def test_gradient_accumulation_gives_the_same_update_as_one_batch():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{"remat_policy": "full"}, {"remat_policy": "dots"}, {"scan_layers": False}])
+def test_remat_and_unrolled_layers_take_the_same_step(overrides):
+  batch, mesh = _copy_task_batch(), sharding.make_mesh()
+  reference, metrics = _one_step(config_lib.tiny(), batch, mesh)
+  variant, variant_metrics = _one_step(config_lib.tiny(**overrides), batch, mesh)
+  np.testing.assert_allclose(variant_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(reference["params"]), jax.tree.leaves(variant["params"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 SHARDED_STEP_SCRIPT = textwrap.dedent("""
     import json, jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -233,7 +243,7 @@ def test_next_stage_starts_from_the_previous_runs_params(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- HF export
-def test_exported_checkpoint_loads_in_transformers_with_our_logits(tmp_path):
+def test_exported_checkpoint_loads_in_transformers_with_our_logits_and_starts_a_run(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   model_dir = tmp_path / "export"
@@ -246,6 +256,15 @@ def test_exported_checkpoint_loads_in_transformers_with_our_logits(tmp_path):
     expected = hf_model(torch.tensor(tokens)).logits.numpy()
   ours = np.asarray(llama.Llama(config).apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
   np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+  # The HF directory is also an init checkpoint: a run from it (lr 0) holds exactly the exported params.
+  from_hf = tmp_path / "from_hf"
+  subprocess.run(_train_command(from_hf, "TRAIN_STEPS = 1", f"INIT_CHECKPOINT = '{model_dir / 'hf'}'",
+                                "LEARNING_RATE = 0.0", "WARMUP_STEPS = 0", "DECAY = 'constant'"), cwd=REPO,
+                 env=_env(), check=True, capture_output=True, timeout=900)
+  _, reloaded = checkpointing.load_params_from_checkpoint(from_hf)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reloaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ------------------------------------------------------------------------------------- real SmolLM2 runs
