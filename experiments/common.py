@@ -86,6 +86,25 @@ def recall_curve(records: list[dict], corpus, max_k: int = 20) -> dict[str, list
   return {"answer_recall": curve(answer_hits), "gold_recall": curve(gold_hits)}
 
 
+def pairwise_auc(records: list[dict], corpus) -> float | None:
+  """P(answer-containing passage scored above a non-containing one of the same question), ties half (in %).
+
+  50 = the scores carry no relevance signal; below 50 = they prefer the wrong passages.
+  """
+  wins, pairs = 0.0, 0
+  for record in records:
+    if "p_true" not in record["ranked"][0]:
+      return None
+    texts = corpus.passages_by_id([c["id"] for c in record["ranked"]])
+    pos = [c["p_true"] for c, t in zip(record["ranked"], texts) if has_answer(t, record["answers"])]
+    neg = [c["p_true"] for c, t in zip(record["ranked"], texts) if not has_answer(t, record["answers"])]
+    for p in pos:
+      for q in neg:
+        wins += 1.0 if p > q else 0.5 if p == q else 0.0
+        pairs += 1
+  return 100.0 * wins / pairs if pairs else None
+
+
 def heldout_corpus():
   return corpus_lib.read_corpus_jsonl(evaluate.resolve_path(CORPUS))
 

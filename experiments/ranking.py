@@ -46,18 +46,20 @@ def main():
       curve = common.recall_curve(records, corpus)
       entry = {"label": systems[name]["label"], "examples": len(records),
                **{key: metric(key) for key in ("R@1", "R@5", "R@20", "goldR@1", "goldR@5", "goldR@20", "MRR")},
-               "curve": curve, "mean_rerank_s": sum(r["rerank_s"] for r in records) / len(records)}
+               "curve": curve, "p_true_auc": common.pairwise_auc(records, corpus), "mean_rerank_s": sum(r["rerank_s"] for r in records) / len(records)}
       results["systems"].setdefault(name, {})[scope] = entry
       rows.append([entry["label"], entry["examples"], *(common.fmt(entry[k]) for k in
                                                        ("R@1", "R@5", "R@20", "goldR@1", "goldR@5", "MRR")),
-                   f"{entry['mean_rerank_s']:.1f}"])
+                   common.fmt(entry["p_true_auc"]), f"{entry['mean_rerank_s']:.1f}"])
     results["systems"].setdefault(name, {})["run"] = {k: info.get(k) for k in ("checkpoint", "n", "limit",
                                                                                  "index_s", "load_s")}
   header = ["system", "questions", "Recall@1", "Recall@5", "Recall@20", "gold R@1", "gold R@5", "MRR",
-            "rerank s/question"]
+            "P(True) AUC", "rerank s/question"]
   text = ("# Ranking on the held-out split (Table 6 analogue)\n\n"
           "Recall@k = a top-k passage contains an answer string (the paper's metric); gold R@k = the question's own "
-          "SQuAD paragraph is in the top k. Rerankers reorder BM25's top-20, so their Recall@20 equals BM25's.\n\n"
+          "SQuAD paragraph is in the top k. Rerankers reorder BM25's top-20, so their Recall@20 equals BM25's. "
+          "P(True) AUC = how often an answer-containing candidate gets a higher P(True) than a non-containing one of "
+          "the same question (50 = no signal).\n\n"
           f"## The {len(subset)} questions every reranker finished (first {args.limit} of heldout.jsonl)\n\n"
           + common.markdown_table(header, rows_subset)
           + f"\n## All {len(all_ids)} held-out questions (retrievers only)\n\n" + common.markdown_table(header, rows_full))
