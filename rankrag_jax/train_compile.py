@@ -10,8 +10,9 @@ named slice; the train step `train` runs (`training.step.jit_train_step`) and th
 NamedShardings, and XLA's TPU compiler reports per-chip memory and its cost model's step time. Nothing is
 materialised, so a 70B model compiles on a 24 GiB machine. (MaxText's `train_compile.py` idea.)
 
-Two compiles per program:
-  * the program as configured (layers scanned, remat as set): its `memory_analysis()` is the per-chip HBM figure.
+Three compiles per program:
+  * the program as configured (layers scanned, remat as set): its `memory_analysis()` is the per-chip HBM figure,
+    and XLA itself refuses (RESOURCE_EXHAUSTED, reported as DOES NOT FIT) a program that exceeds the chip's HBM.
   * the same program with 1 and with 2 layers, unrolled: XLA's `cost_analysis()` counts a while loop's body once,
     whatever its trip count, so the scanned program's FLOPs and time estimate cover one layer. Every layer is
     identical, so cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)) is exact up to fusion noise (the test checks
@@ -63,7 +64,7 @@ class ChipSpec:
 CHIPS = {
     "v4": ChipSpec("TPU v4", 32 * _GIB, 275e12),
     "v5e": ChipSpec("TPU v5e", 16 * _GIB, 197e12),
-    "v5p": ChipSpec("TPU v5p", 95 * _GIB, 459e12),
+    "v5p": ChipSpec("TPU v5p", 95 * _GIB, 459e12),  # libtpu's own compile-time limit is 95.74 GiB
     "v6e": ChipSpec("TPU v6e", 32 * _GIB, 918e12),
 }
 
@@ -327,11 +328,23 @@ def compile_for_topology(topology: str, score: bool = True, cost: bool = True,
     workloads.append(score_workload(mesh, rules))
   figures = []
   for workload in workloads:
-    figures.append(compile_workload(workload, mesh, chip, rules, cost=cost))
-    print(format_figures(figures[-1]), flush=True)
+    try:
+      figures.append(compile_workload(workload, mesh, chip, rules, cost=cost))
+      record, report = figures_record(figures[-1], topology), format_figures(figures[-1])
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # XLA's TPU compiler refuses a program whose buffers exceed the chip's HBM: the answer we came for.
+      message = str(e).splitlines()[0]
+      record = {"program": workload.name, "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
+                "params_b": round(workload.config.num_params / 1e9, 2), "remat": workload.config.remat_policy,
+                "description": workload.description, "fits": False, "xla_error": message}
+      report = (f"== {workload.name}: {workload.description}\n   mesh {dict(mesh.shape)} on {mesh.size} x "
+                f"{chip.name}: DOES NOT FIT, XLA refuses to compile it: {message}")
+    print(report, flush=True)
     if results_jsonl:
       with open(results_jsonl, "a") as f:
-        f.write(json.dumps(figures_record(figures[-1], topology)) + "\n")
+        f.write(json.dumps(record) + "\n")
   return figures
 
 

@@ -1,35 +1,31 @@
 #!/usr/bin/env bash
-# RankRAG Stage II on a Cloud TPU v5p slice. Run on EVERY host of the slice at once (experiments/tpu/README.md):
-#   gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all \
-#       --command="MODEL=llama3_8b SLICE=tpu_v5p_128 BUCKET=gs://my-bucket INIT=... bash ~/rankrag_jax/experiments/tpu/run_stage2.sh"
-# Every host runs the same SPMD program: `--distributed` calls jax.distributed.initialize(), which finds the other
-# hosts through the TPU metadata; each host reads its own 1/num_hosts of every batch (shard_id = process index)
-# and `global_batch` assembles the rows into one array sharded over the mesh's data axes. Checkpoints (orbax,
-# every host writing its own shards) go to $BUCKET/runs/...; re-running the same command resumes from the newest.
+# RankRAG Stage II on a Cloud TPU v5p slice: run on EVERY host at once (experiments/tpu/README.md, step 4):
+#   gcloud compute tpus tpu-vm ssh "$TPU" --zone="$ZONE" --worker=all --command="MODEL=llama3_70b \
+#       SLICE=tpu_v5p_128 RUN=gs://BUCKET/rankrag/llama3_70b bash ~/rankrag_jax/experiments/tpu/run_stage2.sh"
+# All hosts run the same SPMD program. `--distributed` calls jax.distributed.initialize(), which finds the
+# coordinator and this host's process id from the TPU metadata; each host reads its own shard of every batch
+# (shard_id = jax.process_index(), batch 64 / hosts rows) and the rows are assembled into one global array
+# sharded over the mesh's data axes. Orbax writes every host's parameter shards into one checkpoint under
+# $RUN/stage2/checkpoints on GCS; re-running the same command resumes from the newest complete step.
 set -euo pipefail
 
-: "${MODEL:?llama3_8b or llama3_70b}"
-: "${SLICE:?tpu_v5p_64, tpu_v5p_128 or tpu_v5p_256 (gin_configs/meshes/)}"
-: "${BUCKET:?gs://bucket for checkpoints and the blend}"
-: "${INIT:?Stage-I run dir (gs://.../runs/stage1_...) or a local HF directory present on every host}"
-RUN="${RUN:-stage2_${MODEL}_${SLICE}}"
-TOKENIZER="${TOKENIZER:-/tmp/rankrag/llama3_tokenizer.json}"
-BLEND_DIR="${BLEND_DIR:-/tmp/rankrag/blend}"
+: "${MODEL:?llama3_8b | llama3_70b (gin_configs/models/)}"
+: "${SLICE:?tpu_v5p_64 | tpu_v5p_128 | tpu_v5p_256 (gin_configs/meshes/)}"
+: "${RUN:?gs://BUCKET/rankrag/<model>: Stage-II goes to \$RUN/stage2}"
+INIT="${INIT:-$RUN/stage1}"  # the Stage-I run directory (each host reads only its own shards)
 REPO="${REPO:-$HOME/rankrag_jax}"
 
-# The blend is read from local disk by SeqIO on every host: copy the one built once (README step 3).
-mkdir -p "$(dirname "$BLEND_DIR")"
-[ -f "$BLEND_DIR/manifest.json" ] || gsutil -m -q cp -r "$BUCKET/blend" "$BLEND_DIR"
-[ -f "$TOKENIZER" ] || gsutil -q cp "$BUCKET/llama3_tokenizer.json" "$TOKENIZER"
-
 cd "$REPO"
-python -m rankrag_jax.train \
+TOKENIZER="${TOKENIZER:-$(python -c 'from rankrag_jax import assets; print(assets.asset_file("llama3_tokenizer"))')}"
+EXTRA=()
+if [[ -n "${BLEND_DIR:-}" ]]; then EXTRA+=(--gin_bindings="BLEND_DIR = '${BLEND_DIR}'"); fi  # else: built per host
+
+python -m rankrag_jax.train --distributed \
   --gin_file=gin_configs/stage2.gin \
   --gin_file="gin_configs/models/${MODEL}.gin" \
   --gin_file="gin_configs/meshes/${SLICE}.gin" \
-  --gin_bindings="MODEL_DIR = '${BUCKET}/runs/${RUN}'" \
+  --gin_bindings="MODEL_DIR = '${RUN}/stage2'" \
   --gin_bindings="INIT_CHECKPOINT = '${INIT}'" \
   --gin_bindings="TOKENIZER_PATH = '${TOKENIZER}'" \
-  --gin_bindings="BLEND_DIR = '${BLEND_DIR}'" \
-  --distributed \
-  2>&1 | tee "/tmp/${RUN}.host$(hostname).log"
+  "${EXTRA[@]}" \
+  2>&1 | tee "/tmp/stage2_${MODEL}.log"
