@@ -35,10 +35,13 @@ def main():
   subset = [i for i in all_ids[:args.limit] if all(i in done for done in lm_done)]
   corpus = common.heldout_corpus()
   results = {"subset_ids": subset, "systems": {}}
-  rows_full, rows_subset = [], []
+  rows_full, rows_subset, rows_finished = [], [], []
   for name in ranked_systems:
     info = common.run_info(args.runs_dir, name)
-    for scope, ids, rows in (("all", all_ids, rows_full), ("subset", subset, rows_subset)):
+    finished = [i for i in all_ids[:args.limit]
+                if i in {r["id"] for r in common.read_predictions(args.runs_dir, name)}]
+    for scope, ids, rows in (("all", all_ids, rows_full), ("subset", subset, rows_subset),
+                             ("finished", finished, rows_finished)):
       records = common.read_predictions(args.runs_dir, name, ids)
       if not records or (scope == "all" and len(records) < len(all_ids)):
         continue
@@ -62,6 +65,8 @@ def main():
           "the same question (50 = no signal).\n\n"
           f"## The {len(subset)} questions every reranker finished (first {args.limit} of heldout.jsonl)\n\n"
           + common.markdown_table(header, rows_subset)
+          + f"\n## Each system on every question it finished (of the first {args.limit})\n\n"
+          + common.markdown_table(header, rows_finished)
           + f"\n## All {len(all_ids)} held-out questions (retrievers only)\n\n" + common.markdown_table(header, rows_full))
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   (common.RESULTS_DIR / "ranking.md").write_text(text)
