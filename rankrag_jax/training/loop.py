@@ -247,6 +247,7 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
           summary.final_eval_loss = held_out.evaluate(run.state["params"], step, writer)
         if save_due:
           checkpointer.save(step, run.state, {TRAIN_POSITION_KEY: source.position})
+        pending.restart_clock()  # evaluation and checkpointing time is not training throughput
       if first_step >= total_steps and not run.resumed:  # a 0-step run (e.g. converting HF weights once)
         checkpointer.save(first_step, run.state, {TRAIN_POSITION_KEY: source.position})
       checkpointer.wait()
