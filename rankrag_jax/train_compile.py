@@ -13,10 +13,10 @@ materialised, so a 70B model compiles on a 24 GiB machine. (MaxText's `train_com
 Three compiles per program:
   * the program as configured (layers scanned, remat as set): its `memory_analysis()` is the per-chip HBM figure,
     and XLA itself refuses (RESOURCE_EXHAUSTED, reported as DOES NOT FIT) a program that exceeds the chip's HBM.
-  * the same program with 1 and with 2 layers, unrolled: XLA's `cost_analysis()` counts a while loop's body once,
-    whatever its trip count, so the scanned program's FLOPs and time estimate cover one layer. Every layer is
-    identical, so cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)) is exact up to fusion noise (the test checks
-    it against a 3-layer unrolled compile to 1%).
+  * the same program with 2 and with 3 layers, unrolled, in a child process (see costs_in_child_process): XLA's
+    `cost_analysis()` counts a while loop's body once, whatever its trip count, so the scanned program's FLOPs and
+    time estimate cover one layer. Every layer is identical, so cost(L) = cost(2) + (L - 2) * (cost(3) - cost(2))
+    is exact up to fusion noise (the test checks it against a 4-layer unrolled compile to 1%).
 
 A bad mesh (axis sizes that don't fill the slice, a rule naming an absent axis, a dimension that doesn't divide)
 raises `sharding.MeshError` before anything is traced.
@@ -28,6 +28,9 @@ import dataclasses
 import inspect
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 from absl import app
@@ -167,21 +170,51 @@ def _cost(compiled) -> tuple[float, float]:
 
 
 def layer_extrapolated_cost(workload: Workload, mesh, rules) -> tuple[float, float]:
-  """(FLOPs per chip, estimated seconds) of the workload at its num_layers, from unrolled 1- and 2-layer compiles."""
+  """(FLOPs per chip, estimated seconds) of the workload at its num_layers, from unrolled 2- and 3-layer compiles.
+
+  Not 1 and 2: XLA fuses a lone layer differently (its 1 -> 2 increment is ~5% off the per-layer cost).
+  """
   costs = []
-  for layers in (1, 2):
+  for layers in (2, 3):
     config = dataclasses.replace(workload.config, num_layers=layers, scan_layers=False)
     costs.append(_cost(_compile(workload.build(config), mesh, rules)))
-  (flops1, secs1), (flops2, secs2) = costs
-  extra = workload.config.num_layers - 1
-  return flops1 + extra * (flops2 - flops1), secs1 + extra * (secs2 - secs1)
+  (flops2, secs2), (flops3, secs3) = costs
+  extra = workload.config.num_layers - 2
+  return flops2 + extra * (flops3 - flops2), secs2 + extra * (secs3 - secs2)
 
 
-def compile_workload(workload: Workload, mesh, chip: ChipSpec, rules, cost: bool = True) -> CompiledFigures:
+# XLA may also turn an FSDP all-gather + matmul into a loop of partial matmuls ("windowed einsum", collective
+# matmul; it does on v5p:2x4x4), whose body cost_analysis() would again count once. The cost compiles therefore
+# run without it, in a child process: libtpu reads its flags once per process, and the memory compile must stay
+# the program a real run gets.
+NO_WINDOWED_EINSUM = ("--xla_tpu_enable_windowed_einsum_for_all_gather=false "
+                      "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false")
+_COSTS_LINE = "LAYER_EXTRAPOLATED_COSTS "
+
+
+def costs_in_child_process(topology: str, kinds: Sequence[str]) -> dict[str, tuple[float, float]]:
+  """{kind: layer_extrapolated_cost} from `python -m rankrag_jax.train_compile --cost_only` on this Gin config."""
+  with tempfile.NamedTemporaryFile("w", suffix=".gin") as config_file:
+    config_file.write(gin.config_str())
+    config_file.flush()
+    env = dict(os.environ, LIBTPU_INIT_ARGS=f"{os.environ.get('LIBTPU_INIT_ARGS', '')} {NO_WINDOWED_EINSUM}")
+    child = subprocess.run(
+        [sys.executable, "-m", "rankrag_jax.train_compile", f"--topology={topology}",
+         f"--gin_file={config_file.name}", f"--cost_only={','.join(kinds)}"],
+        env=env, capture_output=True, text=True, check=False)
+  lines = [line for line in child.stdout.splitlines() if line.startswith(_COSTS_LINE)]
+  if child.returncode or not lines:
+    raise RuntimeError(f"the cost compiles failed (exit {child.returncode}):\n{child.stderr[-4000:]}")
+  return {kind: tuple(cost) for kind, cost in json.loads(lines[-1][len(_COSTS_LINE):]).items()}
+
+
+def compile_workload(workload: Workload, program: Program, mesh, chip: ChipSpec, rules,
+                     cost: tuple[float, float] | None = None) -> CompiledFigures:
+  """Compiles the workload's program for its memory; `cost` = (FLOPs per chip, seconds) from elsewhere."""
   start = time.perf_counter()
-  compiled = _compile(workload.build(workload.config), mesh, rules)
+  compiled = _compile(program, mesh, rules)
   memory = compiled.memory_analysis()
-  flops_per_chip, seconds = layer_extrapolated_cost(workload, mesh, rules) if cost else (None, None)
+  flops_per_chip, seconds = cost or (None, None)
   return CompiledFigures(
       workload=workload, mesh_shape=dict(mesh.shape), num_chips=mesh.size, chip=chip,
       argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
@@ -317,7 +350,7 @@ def compile_for_topology(topology: str, score: bool = True, cost: bool = True,
 
   The mesh and logical-axis rules come from Gin (`make_mesh.*`, `logical_axis_rules.overrides`) exactly as
   `train` builds them, but over the slice's compile-only devices; mesh errors raise before any tracing.
-  `cost=False` skips the 1- and 2-layer compiles (memory only); `results_jsonl` appends one record per program.
+  `cost=False` skips the 2- and 3-layer compiles (memory only); `results_jsonl` appends one record per program.
   """
   chip = chip_spec(topology)
   mesh = sharding.make_mesh(devices=topology_devices(topology))
@@ -326,10 +359,12 @@ def compile_for_topology(topology: str, score: bool = True, cost: bool = True,
   workloads = [stage2_train_workload(mesh, rules)]
   if score:
     workloads.append(score_workload(mesh, rules))
+  programs = [workload.build(workload.config) for workload in workloads]  # any MeshError before compiling
+  costs = costs_in_child_process(topology, [w.kind for w in workloads]) if cost else {}
   figures = []
-  for workload in workloads:
+  for workload, program in zip(workloads, programs):
     try:
-      figures.append(compile_workload(workload, mesh, chip, rules, cost=cost))
+      figures.append(compile_workload(workload, program, mesh, chip, rules, cost=costs.get(workload.kind)))
       record, report = figures_record(figures[-1], topology), format_figures(figures[-1])
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
@@ -399,8 +434,10 @@ def format_figures(fig: CompiledFigures) -> str:
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:4x4x4", "TPU slice: v5p:2x4x4 (v5p-64, 32 chips), v5p:4x4x4 "
                                 "(v5p-128, 64 chips), v5p:4x4x8 (v5p-256, 128 chips).")
 _SCORE = flags.DEFINE_bool("score", True, "Also compile the P(\"True\") scoring kernel.")
-_COST = flags.DEFINE_bool("cost", True, "Also compile 1- and 2-layer unrolled variants for XLA's FLOPs and time.")
+_COST = flags.DEFINE_bool("cost", True, "Also compile 2- and 3-layer unrolled variants for XLA's FLOPs and time.")
 _RESULTS = flags.DEFINE_string("results_jsonl", None, "Append one JSON record per compiled program here.")
+_COST_ONLY = flags.DEFINE_list("cost_only", [], "Internal (the cost child process): print layer-extrapolated costs "
+                               "of these workloads (train, score) and exit.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -409,6 +446,13 @@ def main(argv: Sequence[str]) -> None:
   # --gin_file / --gin_bindings / --gin_search_paths, as `train` parses them; not finalized, so run-only macros
   # the model gins leave REQUIRED (INIT_CHECKPOINT, TOKENIZER_PATH) need not be given to compile.
   cli.parse_gin(finalize=False)
+  if _COST_ONLY.value:  # the child process of costs_in_child_process
+    mesh = sharding.make_mesh(devices=topology_devices(_TOPOLOGY.value))
+    rules = sharding.logical_axis_rules()
+    builders = {"train": stage2_train_workload, "score": score_workload}
+    costs = {kind: layer_extrapolated_cost(builders[kind](mesh, rules), mesh, rules) for kind in _COST_ONLY.value}
+    print(_COSTS_LINE + json.dumps(costs), flush=True)
+    return
   compile_for_topology(_TOPOLOGY.value, score=_SCORE.value, cost=_COST.value, results_jsonl=_RESULTS.value)
 
 

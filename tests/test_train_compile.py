@@ -5,6 +5,7 @@ The 8B/70B figures take minutes each and live in experiments/tpu/README.md, not 
 """
 
 import dataclasses
+import json
 
 import gin
 import pytest
@@ -57,21 +58,26 @@ def _mesh_and_rules():
   return mesh, rules
 
 
-def test_tiny_train_step_and_scoring_kernel_compile_for_v5p_slice(bind):
+def test_tiny_train_step_and_scoring_kernel_compile_for_v5p_slice(bind, tmp_path, capsys):
+  """The command's whole path: memory compiles here, cost compiles in the child process, printed and recorded."""
   bind()
-  mesh, rules = _mesh_and_rules()
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 2}
-  chip = train_compile.chip_spec(TOPOLOGY)
-  for workload in (train_compile.stage2_train_workload(mesh, rules), train_compile.score_workload(mesh, rules)):
-    compiled = train_compile._compile(workload.build(workload.config), mesh, rules)
-    memory = compiled.memory_analysis()
-    assert 0 < memory.argument_size_in_bytes + memory.temp_size_in_bytes < chip.hbm_bytes
-    if workload.kind == "train":
-      assert memory.alias_size_in_bytes > 0  # the donated state is updated in place
-      state = workload.build(workload.config).abstract_args[0]
-      q_proj = state["params"]["layers"]["attn"]["q_proj"]["kernel"]
-      assert tuple(q_proj.sharding.spec) == (None, "fsdp", "tensor", None)  # [layers, embed, heads, head_dim]
-      assert state["opt_state"][1][0].mu["layers"]["attn"]["q_proj"]["kernel"].sharding == q_proj.sharding
+  results = tmp_path / "results.jsonl"
+  train, score = train_compile.compile_for_topology(TOPOLOGY, results_jsonl=str(results))
+  assert (train.workload.kind, score.workload.kind) == ("train", "score")
+  assert train.mesh_shape == {"data": 1, "fsdp": 2, "tensor": 2}
+  for fig in (train, score):
+    assert fig.fits and fig.argument_bytes > 0 and fig.xla_flops > 0 and fig.estimated_seconds > 0
+  assert train.alias_bytes > 0  # the donated state is updated in place
+  records = [json.loads(line) for line in results.read_text().splitlines()]
+  assert [r["program"] for r in records] == ["train_step", "score_passages"]
+  assert records[0]["stage2_hours"] > 0 and records[1]["passages_per_second_per_chip"] > 0
+  printed = capsys.readouterr().out
+  assert "Stage II (3300 steps x batch 8 x 64 tokens)" in printed and "passages/s per chip" in printed
+  # Params and their Adam moments really sharded by the logical rules.
+  state = train.workload.build(train.workload.config).abstract_args[0]
+  q_proj = state["params"]["layers"]["attn"]["q_proj"]["kernel"]
+  assert tuple(q_proj.sharding.spec) == (None, "fsdp", "tensor", None)  # [layers, embed, heads, head_dim]
+  assert state["opt_state"][1][0].mu["layers"]["attn"]["q_proj"]["kernel"].sharding == q_proj.sharding
 
 
 def test_mesh_that_does_not_fill_the_slice_fails_before_compiling(bind, no_compile):
@@ -101,7 +107,7 @@ def test_batch_not_divisible_by_data_parallel_ways_fails_before_compiling(bind, 
 @gin.configurable
 def matmul_bound_model(**overrides):
   """Wide enough that matmuls dominate elementwise work, small enough to compile in seconds."""
-  config = config_lib.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=3,
+  config = config_lib.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_layers=4,
                                   num_heads=4, num_kv_heads=2, head_dim=64, rope_theta=10000.0,
                                   max_position_embeddings=256)
   return dataclasses.replace(config, **overrides)
@@ -117,7 +123,7 @@ def test_xla_flops_per_step_match_6n_tokens_plus_attention(bind):
   assert xla_flops == pytest.approx(workload.model_flops, rel=0.10)
   # ... and the finer accounting of what the program executes (full T x T attention square) closer still.
   assert xla_flops == pytest.approx(workload.executed_flops, rel=0.05)
-  # The 1-and-2-layer extrapolation to 3 layers equals the 3-layer unrolled compile.
+  # The 2-and-3-layer extrapolation to 4 layers equals the 4-layer unrolled compile.
   unrolled = dataclasses.replace(workload.config, scan_layers=False)
   direct_flops, _ = train_compile._cost(train_compile._compile(workload.build(unrolled), mesh, rules))
   assert flops_per_chip == pytest.approx(direct_flops, rel=0.01)
