@@ -5,10 +5,10 @@
         --topology=v5p:4x4x4
 
 Runs on a CPU machine: with `libtpu` installed, `jax.experimental.topologies` gives compile-only devices of the
-named slice; the train step `train` runs (`training.step.jit_train_step`) and the scoring kernel `rerank` runs
-(`rerank.score_token_batch`) are lowered with abstract (ShapeDtypeStruct) arguments that carry the Gin mesh's
-NamedShardings, and XLA's TPU compiler reports per-chip memory and its cost model's step time. Nothing is
-materialised, so a 70B model compiles on a 24 GiB machine. (MaxText's `train_compile.py` idea.)
+named slice; the train step `train` runs and the scoring kernel `rerank` runs (compile_programs.py: abstract
+arguments carrying the Gin mesh's NamedShardings, nothing materialised) are compiled for them, and XLA's TPU
+compiler reports per-chip memory and its cost model's time. A 70B model compiles on a 24 GiB machine.
+(MaxText's `train_compile.py` idea.)
 
 Three compiles per program:
   * the program as configured (layers scanned, remat as set): its `memory_analysis()` is the per-chip HBM figure,
@@ -19,13 +19,11 @@ Three compiles per program:
     is exact up to fusion noise (the test checks it against a 4-layer unrolled compile to 1%).
 
 A bad mesh (axis sizes that don't fill the slice, a rule naming an absent axis, a dimension that doesn't divide)
-raises `sharding.MeshError` before anything is traced.
+raises `sharding.MeshError` before anything is compiled.
 """
 
-from collections.abc import Callable, Sequence
-import copy
+from collections.abc import Sequence
 import dataclasses
-import inspect
 import json
 import os
 import subprocess
@@ -38,16 +36,10 @@ from absl import flags
 import gin
 import jax
 from jax.experimental import topologies
-import jax.numpy as jnp
 
 from rankrag_jax import cli
-from rankrag_jax import rerank
 from rankrag_jax import sharding
-from rankrag_jax.model import axes
-from rankrag_jax.model import llama
-from rankrag_jax.model.config import LlamaConfig
-from rankrag_jax.training import loop
-from rankrag_jax.training import optimizer as optimizer_lib
+from rankrag_jax import compile_programs
 from rankrag_jax.training import step as step_lib
 
 _GIB = 2**30
@@ -94,31 +86,9 @@ def topology_devices(topology: str) -> list[jax.Device]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Program:
-  """A jitted function and abstract, sharded arguments: what gets lowered and compiled."""
-  jitted: Callable  # has .lower(*abstract_args)
-  abstract_args: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-  """A program family: `build(config)` gives the program for a model config (so it can vary num_layers)."""
-  name: str
-  kind: str  # "train" | "score"
-  config: LlamaConfig
-  build: Callable[[LlamaConfig], Program]
-  rows: int  # sequences (train) or passages (score) per call
-  tokens_per_row: int
-  model_flops: float  # per call, all chips
-  model_flops_formula: str
-  executed_flops: float  # what the compiled program should count: + remat recompute, full TxT attention, ...
-  description: str
-
-
-@dataclasses.dataclass(frozen=True)
 class CompiledFigures:
   """XLA's per-chip figures for one workload, plus what follows from them."""
-  workload: Workload
+  workload: compile_programs.Workload
   mesh_shape: dict
   num_chips: int
   chip: ChipSpec
@@ -158,7 +128,7 @@ class CompiledFigures:
     return self.workload.rows / self.estimated_seconds / self.num_chips
 
 
-def _compile(program: Program, mesh, rules):
+def _compile(program: compile_programs.Program, mesh, rules):
   with step_lib.sharding_context(mesh, rules):
     return program.jitted.lower(*program.abstract_args).compile()
 
@@ -169,7 +139,7 @@ def _cost(compiled) -> tuple[float, float]:
   return float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", 0.0))
 
 
-def layer_extrapolated_cost(workload: Workload, mesh, rules) -> tuple[float, float]:
+def layer_extrapolated_cost(workload: compile_programs.Workload, mesh, rules) -> tuple[float, float]:
   """(FLOPs per chip, estimated seconds) of the workload at its num_layers, from unrolled 2- and 3-layer compiles.
 
   Not 1 and 2: XLA fuses a lone layer differently (its 1 -> 2 increment is ~5% off the per-layer cost).
@@ -208,8 +178,8 @@ def costs_in_child_process(topology: str, kinds: Sequence[str]) -> dict[str, tup
   return {kind: tuple(cost) for kind, cost in json.loads(lines[-1][len(_COSTS_LINE):]).items()}
 
 
-def compile_workload(workload: Workload, program: Program, mesh, chip: ChipSpec, rules,
-                     cost: tuple[float, float] | None = None) -> CompiledFigures:
+def compile_workload(workload: compile_programs.Workload, program: compile_programs.Program, mesh,
+                     chip: ChipSpec, rules, cost: tuple[float, float] | None = None) -> CompiledFigures:
   """Compiles the workload's program for its memory; `cost` = (FLOPs per chip, seconds) from elsewhere."""
   start = time.perf_counter()
   compiled = _compile(program, mesh, rules)
@@ -221,126 +191,6 @@ def compile_workload(workload: Workload, program: Program, mesh, chip: ChipSpec,
       alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
       code_bytes=memory.generated_code_size_in_bytes, xla_flops_per_chip=flops_per_chip,
       estimated_seconds=seconds, compile_seconds=time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The workloads: train's step and rerank's kernel, given abstract sharded inputs.
-
-def _attention_flops(config: LlamaConfig, query_tokens: float, mean_keys: float) -> float:
-  """Forward QK^T and AV FLOPs: 2 matmuls x 2 FLOPs x heads x head_dim per (query, key) pair, per layer."""
-  return 4 * config.num_heads * config.head_dim * config.num_layers * query_tokens * mean_keys
-
-
-def executed_train_flops(config: LlamaConfig, rows: int, seq_len: int, loss_positions: int) -> float:
-  """Matmul FLOPs the compiled train step performs, as opposed to the 6·N·tokens + causal-attention convention.
-
-  Differences: the LM head runs on `loss_positions` per row only; masked attention computes the full T x T square
-  (forward, then 2x that backward); remat recomputes in the backward pass: 'full' the whole layer forward, 'dots'
-  the attention matmuls (they have batch dimensions, which that policy does not save).
-  """
-  tokens = rows * seq_len
-  head = config.hidden_size * config.vocab_size
-  layers = config.flops_per_token(0, training=False) / 2 - head  # decoder-layer matmul params
-  attention = _attention_flops(config, tokens, seq_len)
-  recompute = {"none": 0.0, "dots": attention, "full": attention + 2 * layers * tokens}[config.remat_policy]
-  return 6 * layers * tokens + 6 * head * rows * loss_positions + 3 * attention + recompute
-
-
-_TRAIN_SETTINGS = ("model_config", "batch_size", "sequence_length", "num_micro_batches", "max_loss_positions")
-
-
-def stage2_train_settings() -> dict:
-  """The `loop.train` arguments that shape the step, as the parsed Gin binds them (its defaults where unbound).
-
-  Only these are evaluated, so run-only settings (INIT_CHECKPOINT, TOKENIZER_PATH, ...) may stay REQUIRED.
-  """
-  defaults = {name: p.default for name, p in inspect.signature(loop.train).parameters.items()}
-  bound = gin.get_bindings(loop.train, resolve_references=False)
-  # deepcopy is how Gin evaluates a binding's references and macros (gin.get_bindings does the same).
-  return {name: copy.deepcopy(bound[name]) if name in bound else defaults[name] for name in _TRAIN_SETTINGS}
-
-
-def stage2_train_workload(mesh, rules) -> Workload:
-  """`training.step.jit_train_step` on abstract state and a packed [batch_size, sequence_length] batch.
-
-  Built exactly as `loop.train` builds it: the model config, batch, sequence length, micro-batches and loss
-  positions from its Gin bindings; the optimizer from `optimizer.make_optimizer(learning_rate_schedule())`.
-  (`loop.train` takes the architecture from the init checkpoint; the presets carry the same numbers.)
-  """
-  settings = stage2_train_settings()
-  config, batch_size, seq_len = settings["model_config"], settings["batch_size"], settings["sequence_length"]
-  max_loss_positions, num_micro_batches = settings["max_loss_positions"], settings["num_micro_batches"]
-  schedule = optimizer_lib.learning_rate_schedule()
-  optimizer = optimizer_lib.make_optimizer(schedule)
-
-  def build(config: LlamaConfig) -> Program:
-    step_fn, _, data_shardings, abstract_state = step_lib.jit_train_step(
-        config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
-        num_micro_batches=num_micro_batches)
-    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data_shardings[key])
-             for key in step_lib.BATCH_KEYS}
-    sharding.check_divisible(batch, data_shardings, what="batch feature")
-    return Program(step_fn, (abstract_state, batch))
-
-  tokens = batch_size * seq_len
-  loss_positions = min(max_loss_positions or seq_len, seq_len)
-  return Workload(
-      name="train_step", kind="train", config=config, build=build, rows=batch_size, tokens_per_row=seq_len,
-      model_flops=config.flops_per_token(seq_len, training=True) * tokens,
-      model_flops_formula="6·N·tokens + causal attention",
-      executed_flops=executed_train_flops(config, batch_size, seq_len, loss_positions),
-      description=(f"Stage-II train step: {config.num_params / 1e9:.2f}B params in "
-                   f"{jnp.dtype(config.param_dtype).name}, compute {jnp.dtype(config.dtype).name}, AdamW f32 "
-                   f"moments, remat={config.remat_policy}, scan_layers={config.scan_layers}, batch {batch_size} x "
-                   f"{seq_len}, LM head on {loss_positions} positions/row, {num_micro_batches} micro-batch(es)"))
-
-
-@gin.configurable
-def score_workload(mesh, rules, rows_per_data_shard: int = 64,
-                   prefix_len: int = 64, suffix_len: int = 256) -> Workload:
-  """`rerank.score_token_batch` in bf16: a shared-prefix KV cache (the system turn) + a batch of suffixes.
-
-  Defaults: a 100-word passage + the ranking question and instructions is ~190 tokens (bucket 256); the ChatQA
-  system turn ~50 (bucket 64). The batch is `rows_per_data_shard` x the mesh's data-parallel ways. The model is
-  `loop.train`'s (Gin `MODEL_CONFIG`), in bf16 as served.
-  """
-  model_config = stage2_train_settings()["model_config"]
-  config = dataclasses.replace(model_config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy="none")
-  data_ways = mesh.shape.get(axes.DATA, 1) * mesh.shape.get(axes.FSDP, 1)
-  rows = rows_per_data_shard * data_ways
-  row_sharding = sharding.data_sharding(mesh, rules, ndim=2)
-  # The batch-1 prefix cache is replicated over the data axes (its kv heads still follow the tensor rule).
-  cache_rules = ((axes.CACHE_BATCH, None),) + tuple(r for r in rules if r[0] != axes.CACHE_BATCH)
-  replicated = sharding.replicated(mesh)
-
-  def build(config: LlamaConfig) -> Program:
-    param_shapes = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
-    param_shardings = sharding.logical_to_sharding(llama.param_logical_axes(config), mesh, rules)
-    sharding.check_divisible(param_shapes, param_shardings)
-    cache_shapes = jax.eval_shape(lambda: llama.init_cache(config, 1, prefix_len))
-    cache_shardings = sharding.logical_to_sharding(llama.cache_logical_axes(), mesh, cache_rules)
-    sharding.check_divisible(cache_shapes, cache_shardings, what="prefix cache")
-    tokens = jax.ShapeDtypeStruct((rows, suffix_len), jnp.int32, sharding=row_sharding)
-    sharding.check_divisible(tokens, row_sharding, what="token batch")
-    abstract = lambda shapes, shardings: jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    args = (abstract(param_shapes, param_shardings), config, abstract(cache_shapes, cache_shardings),
-            jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), tokens,
-            jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.data_sharding(mesh, rules, ndim=1)),
-            jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated))
-    return Program(rerank.score_token_batch, args)
-
-  n_matmul = config.flops_per_token(0, training=False) / 2  # matmul params, LM head included
-  head = config.hidden_size * config.vocab_size
-  model_flops = (2 * (n_matmul - head) * rows * suffix_len + 2 * head * rows
-                 + _attention_flops(config, rows * suffix_len, prefix_len + suffix_len / 2))
-  return Workload(
-      name="score_passages", kind="score", config=config, build=build, rows=rows, tokens_per_row=suffix_len,
-      model_flops=model_flops,
-      model_flops_formula="2·N·suffix tokens + causal attention over prefix+suffix, LM head at 1 position/row",
-      executed_flops=model_flops + _attention_flops(config, rows * suffix_len, suffix_len / 2),  # full square
-      description=(f"P(\"True\") scoring kernel (rerank.score_token_batch), bf16: {rows} passages x {suffix_len} "
-                   f"suffix tokens after a shared {prefix_len}-token prefix cache"))
 
 
 @gin.configurable
@@ -356,26 +206,27 @@ def compile_for_topology(topology: str, score: bool = True, cost: bool = True,
   mesh = sharding.make_mesh(devices=topology_devices(topology))
   rules = sharding.logical_axis_rules()
   sharding.validate_rules(mesh, rules)
-  workloads = [stage2_train_workload(mesh, rules)]
+  workloads = [compile_programs.stage2_train_workload(mesh, rules)]
   if score:
-    workloads.append(score_workload(mesh, rules))
+    workloads.append(compile_programs.score_workload(mesh, rules))
   programs = [workload.build(workload.config) for workload in workloads]  # any MeshError before compiling
   costs = costs_in_child_process(topology, [w.kind for w in workloads]) if cost else {}
   figures = []
   for workload, program in zip(workloads, programs):
+    record = {"program": workload.name, "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
+              "params_b": round(workload.config.num_params / 1e9, 2), "remat": workload.config.remat_policy,
+              "description": workload.description}
     try:
       figures.append(compile_workload(workload, program, mesh, chip, rules, cost=costs.get(workload.kind)))
-      record, report = figures_record(figures[-1], topology), format_figures(figures[-1])
+      record.update(figures_record(figures[-1]))
+      report = format_figures(figures[-1])
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       # XLA's TPU compiler refuses a program whose buffers exceed the chip's HBM: the answer we came for.
-      message = str(e).splitlines()[0]
-      record = {"program": workload.name, "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
-                "params_b": round(workload.config.num_params / 1e9, 2), "remat": workload.config.remat_policy,
-                "description": workload.description, "fits": False, "xla_error": message}
+      record.update(fits=False, xla_error=str(e).splitlines()[0])
       report = (f"== {workload.name}: {workload.description}\n   mesh {dict(mesh.shape)} on {mesh.size} x "
-                f"{chip.name}: DOES NOT FIT, XLA refuses to compile it: {message}")
+                f"{chip.name}: DOES NOT FIT, XLA refuses to compile it: {record['xla_error']}")
     print(report, flush=True)
     if results_jsonl:
       with open(results_jsonl, "a") as f:
@@ -383,21 +234,19 @@ def compile_for_topology(topology: str, score: bool = True, cost: bool = True,
   return figures
 
 
-def figures_record(fig: CompiledFigures, topology: str) -> dict:
-  """A flat JSON-able summary (what experiments/tpu/README.md tabulates)."""
-  work, has_cost = fig.workload, fig.estimated_seconds is not None
-  return {"program": work.name, "topology": topology, "chips": fig.num_chips, "mesh": fig.mesh_shape,
-          "params_b": round(work.config.num_params / 1e9, 2), "remat": work.config.remat_policy,
-          "description": work.description, "peak_gib": round(fig.peak_bytes / _GIB, 2),
-          "argument_gib": round(fig.argument_bytes / _GIB, 2), "temp_gib": round(fig.temp_bytes / _GIB, 2),
-          "output_gib": round(fig.output_bytes / _GIB, 2), "alias_gib": round(fig.alias_bytes / _GIB, 2),
-          "fits": fig.fits, "model_flops": work.model_flops, "executed_flops": work.executed_flops,
-          "xla_flops": fig.xla_flops if has_cost else None,
-          "estimated_seconds": fig.estimated_seconds, "mfu": fig.mfu if has_cost else None,
-          "stage2_hours": fig.stage2_hours if has_cost and work.kind == "train" else None,
-          "passages_per_second_per_chip": (fig.passages_per_second_per_chip
-                                           if has_cost and work.kind == "score" else None),
-          "compile_seconds": round(fig.compile_seconds)}
+def figures_record(fig: CompiledFigures) -> dict:
+  """The figures as flat JSON (what experiments/tpu/README.md tabulates)."""
+  gib = lambda b: round(b / _GIB, 2)
+  record = {"fits": fig.fits, "peak_gib": gib(fig.peak_bytes), "argument_gib": gib(fig.argument_bytes),
+            "temp_gib": gib(fig.temp_bytes), "model_flops": fig.workload.model_flops,
+            "executed_flops": fig.workload.executed_flops, "compile_seconds": round(fig.compile_seconds)}
+  if fig.estimated_seconds is not None:
+    record.update(xla_flops=fig.xla_flops, estimated_seconds=fig.estimated_seconds, mfu=fig.mfu)
+    if fig.workload.kind == "train":
+      record.update(stage2_hours=fig.stage2_hours)
+    else:
+      record.update(passages_per_second_per_chip=fig.passages_per_second_per_chip)
+  return record
 
 
 def format_figures(fig: CompiledFigures) -> str:
@@ -449,7 +298,7 @@ def main(argv: Sequence[str]) -> None:
   if _COST_ONLY.value:  # the child process of costs_in_child_process
     mesh = sharding.make_mesh(devices=topology_devices(_TOPOLOGY.value))
     rules = sharding.logical_axis_rules()
-    builders = {"train": stage2_train_workload, "score": score_workload}
+    builders = {"train": compile_programs.stage2_train_workload, "score": compile_programs.score_workload}
     costs = {kind: layer_extrapolated_cost(builders[kind](mesh, rules), mesh, rules) for kind in _COST_ONLY.value}
     print(_COSTS_LINE + json.dumps(costs), flush=True)
     return

@@ -14,6 +14,7 @@ import libtpu  # noqa: F401  (a missing libtpu must fail, not skip: CI must see 
 
 from rankrag_jax import sharding  # noqa: E402
 from rankrag_jax import cli  # noqa: E402
+from rankrag_jax import compile_programs  # noqa: E402
 from rankrag_jax import train_compile  # noqa: E402
 from rankrag_jax.model import config as config_lib  # noqa: E402
 
@@ -116,7 +117,7 @@ def matmul_bound_model(**overrides):
 def test_xla_flops_per_step_match_6n_tokens_plus_attention(bind):
   bind("MODEL_CONFIG = @matmul_bound_model()", "MAX_LOSS_POSITIONS = None")
   mesh, rules = _mesh_and_rules()
-  workload = train_compile.stage2_train_workload(mesh, rules)
+  workload = compile_programs.stage2_train_workload(mesh, rules)
   flops_per_chip, seconds = train_compile.layer_extrapolated_cost(workload, mesh, rules)
   assert seconds > 0
   xla_flops = flops_per_chip * mesh.size
@@ -141,7 +142,8 @@ def test_pod_gins_shard_every_array_of_both_programs_on_their_slice(model_gin, m
     mesh = sharding.make_mesh(devices=train_compile.topology_devices(topology))
     rules = sharding.logical_axis_rules()
     assert mesh.size == len(train_compile.topology_devices(topology))
-    for workload in (train_compile.stage2_train_workload(mesh, rules), train_compile.score_workload(mesh, rules)):
+    for workload in (compile_programs.stage2_train_workload(mesh, rules),
+                     compile_programs.score_workload(mesh, rules)):
       program = workload.build(workload.config)
       assert program.abstract_args
   finally:
