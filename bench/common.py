@@ -4,13 +4,18 @@ Every benchmark runs "ours" and the reference in separate child processes of one
 peak RSS is its own and neither warms the other's caches; the parent prints medians and ratios.
 """
 
+import argparse
 import json
 import os
+import pathlib
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+HF_DIR = "/tmp/rankrag_bench/smollm2_135m_instruct_hf"
 
 
 def machine_load() -> dict:
@@ -63,3 +68,59 @@ def emit(result: dict) -> None:
   """A child's last stdout line: its measurements as JSON (peak RSS added)."""
   result["peak_rss_mib"] = round(peak_rss_mib(), 1)
   print(json.dumps(result))
+
+
+def ensure_hf_dir(path: str) -> None:
+  """Exports SmolLM2-135M-Instruct (the GGUF asset, dequantised to f32) once, so both sides read one file."""
+  if not (pathlib.Path(path) / "config.json").is_file():
+    subprocess.run([sys.executable, "-m", "rankrag_jax.convert", "--input", "smollm2_135m_instruct",
+                    "--output_hf", path], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                   capture_output=True)
+
+
+def driver_parser(doc: str, data: str) -> argparse.ArgumentParser:
+  """The flags every benchmark shares; scripts add their own before parsing."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--side", choices=("parent", "prepare", "ours", "ref"), default="parent")
+  parser.add_argument("--hf_dir", default=HF_DIR)
+  parser.add_argument("--data", default=data, help="the inputs the prepare child writes, both sides read")
+  parser.add_argument("--repeats", type=int, default=2, help="timed calls per child")
+  parser.add_argument("--rounds", type=int, default=1, help="ours/ref child runs, alternating")
+  parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument("--concurrent", type=int, default=0,
+                      help="run the ours and ref children at the same time (each 2 threads) so that both see the "
+                           "same machine load; use on a machine shared with other jobs")
+  return parser
+
+
+def drive(script: str, args, sides: dict, describe) -> tuple[dict, dict] | None:
+  """The benchmark's whole flow. As a child (--side=X): runs sides[X](args), prints its JSON, returns None.
+  As the parent: exports the weights if needed, runs the prepare child, then `--rounds` rounds of the ours and
+  ref children (in turn, or at once with --concurrent), printing `describe(side, result)` per child. Returns
+  (prepare's result, {"ours": [results], "ref": [results]})."""
+  if args.side != "parent":
+    emit(sides[args.side](args))
+    return None
+  pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
+  ensure_hf_dir(args.hf_dir)
+  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds", "concurrent")]
+  script = str(pathlib.Path(script).resolve())
+  prep = run_side(script, "prepare", child_args)
+  runs = {"ours": [], "ref": []}
+  for r in range(args.rounds):
+    if args.concurrent:
+      with ThreadPoolExecutor(2) as pool:
+        futures = {side: pool.submit(run_side, script, side, child_args) for side in runs}
+        results = {side: f.result() for side, f in futures.items()}
+    else:
+      results = {side: run_side(script, side, child_args) for side in runs}
+    for side, res in results.items():
+      runs[side].append(res)
+      print(f"round {r} {side}: {describe(side, res)} load {res['load']} rss {res['peak_rss_mib']} MiB", flush=True)
+  return prep, runs
+
+
+def pooled_median(results: list[dict], key: str) -> float:
+  """The median of `key`'s lists over several children's results; NaN when none has any."""
+  values = [t for res in results for t in res.get(key, [])]
+  return median(values) if values else float("nan")

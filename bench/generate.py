@@ -15,14 +15,13 @@ New tokens/s = batch * new_tokens / wall time of the whole call (prefill include
 alone, the fraction of greedy tokens on which the two sides agree, MFU, peak RSS, machine load.
 """
 
-import argparse
 import json
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
-from bench.score import QUESTION, ensure_hf_dir, make_passages  # noqa: E402
+from bench.score import QUESTION, make_passages  # noqa: E402
 
 
 def side_prepare(args) -> dict:
@@ -55,8 +54,6 @@ def generation_flops(config, sequences, new_tokens: int) -> float:
 
 def side_ours(args) -> dict:
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   from rankrag_jax import generate
   from rankrag_jax.convert.load import load_model
   sequences = json.loads(pathlib.Path(args.data).read_text())["sequences"]
@@ -104,39 +101,22 @@ def side_ref(args) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--side", choices=("parent", "prepare", "ours", "ref"), default="parent")
-  parser.add_argument("--hf_dir", default="/tmp/rankrag_bench/smollm2_135m_instruct_hf")
-  parser.add_argument("--data", default="/tmp/rankrag_bench/generate_inputs.json")
+  parser = common.driver_parser(__doc__, "/tmp/rankrag_bench/generate_inputs.json")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--prompt_passage_tokens", type=int, default=0,
                       help="repeat each passage to about this many tokens (0: one ~128-token passage)")
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--rounds", type=int, default=1)
-  parser.add_argument("--torch_threads", type=int, default=2)
   args = parser.parse_args()
-  if args.side != "parent":
-    common.emit({"prepare": side_prepare, "ours": side_ours, "ref": side_ref}[args.side](args))
+  driven = common.drive(__file__, args, {"prepare": side_prepare, "ours": side_ours, "ref": side_ref},
+                        lambda side, res: f"median {common.median(res['seconds']):.3f}s (prefill "
+                                          f"{common.median(res['prefill_seconds']):.3f}s)")
+  if driven is None:
     return
-
-  pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
-  ensure_hf_dir(args.hf_dir)
-  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds")]
-  script = str(pathlib.Path(__file__).resolve())
-  prep = common.run_side(script, "prepare", child_args)
+  prep, runs = driven
   print(f"inputs: batch {args.batch}, prompt tokens {prep['prompt_tokens_min']}..{prep['prompt_tokens_max']}, "
         f"{args.new_tokens} new tokens, greedy")
-  runs = {"ours": [], "ref": []}
-  for r in range(args.rounds):
-    for side in ("ours", "ref"):
-      res = common.run_side(script, side, child_args)
-      runs[side].append(res)
-      print(f"round {r} {side}: median {common.median(res['seconds']):.3f}s (prefill "
-            f"{common.median(res['prefill_seconds']):.3f}s) load {res['load']} rss {res['peak_rss_mib']} MiB",
-            flush=True)
   new = args.batch * args.new_tokens
-  med = lambda side, key: common.median([t for res in runs[side] for t in res[key]])
+  med = lambda side, key: common.pooled_median(runs[side], key)
   ours_s, ref_s = med("ours", "seconds"), med("ref", "seconds")
   probe = common.median([res["probe_flops"] for res in runs["ours"]])
   a, b = runs["ours"][0]["tokens"], runs["ref"][0]["tokens"]

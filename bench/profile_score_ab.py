@@ -27,7 +27,6 @@ def main():
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--ref_batch", type=int, default=25)
   args = parser.parse_args()
-  import jax
   import numpy as np
   import torch
   from transformers import LlamaForCausalLM

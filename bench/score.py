@@ -20,11 +20,8 @@ medians, the ratio ours/reference, MFU against the f32 matmul FLOP/s probed in t
 and the largest |ΔP(True)| between the sides.
 """
 
-import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -40,14 +37,6 @@ _WORDS = ("the of and in to was a is for on as by with he that at from his it an
           "mill store program instructions calculation mathematics lovelace ada notes steam london england "
           "government funding century war river music church station population district village county "
           "album season club company system group north south east west empire king party league game army").split()
-
-
-def ensure_hf_dir(path: str) -> None:
-  """Exports SmolLM2-135M-Instruct (the GGUF asset, dequantised to f32) once, so both sides read one file."""
-  if not (pathlib.Path(path) / "config.json").is_file():
-    subprocess.run([sys.executable, "-m", "rankrag_jax.convert", "--input", "smollm2_135m_instruct",
-                    "--output_hf", path], check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                   capture_output=True)
 
 
 def make_passages(tokenizer, n: int, seed: int = 0) -> list[str]:
@@ -181,55 +170,26 @@ def side_ref(args) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--side", choices=("parent", "prepare", "ours", "ref"), default="parent")
-  parser.add_argument("--hf_dir", default="/tmp/rankrag_bench/smollm2_135m_instruct_hf")
-  parser.add_argument("--data", default="/tmp/rankrag_bench/score_inputs.json")
+  parser = common.driver_parser(__doc__, "/tmp/rankrag_bench/score_inputs.json")
   parser.add_argument("--num_passages", type=int, default=100)
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--rounds", type=int, default=1, help="alternating ours/ref child runs")
   parser.add_argument("--ref_batch", type=int, default=25)
-  parser.add_argument("--torch_threads", type=int, default=2)
   parser.add_argument("--end_to_end", type=int, default=0, help="also time score_passages incl. tokenisation")
   parser.add_argument("--ref_strong", type=int, default=1,
                       help="also time the strongest transformers variant (sorted, left-padded, logits_to_keep=1)")
-  parser.add_argument("--concurrent", type=int, default=0,
-                      help="run the ours and ref children at the same time (each 2 threads) so that both see the "
-                           "same machine load; use on a machine shared with other jobs")
   args = parser.parse_args()
-  if args.side != "parent":
-    result = {"prepare": side_prepare, "ours": side_ours, "ref": side_ref}[args.side](args)
-    common.emit(result)
+  driven = common.drive(__file__, args, {"prepare": side_prepare, "ours": side_ours, "ref": side_ref},
+                        lambda side, res: f"median {common.median(res['seconds']):.3f}s")
+  if driven is None:
     return
-
-  pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
-  ensure_hf_dir(args.hf_dir)
-  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds", "concurrent")]
-  script = str(pathlib.Path(__file__).resolve())
-  prep = common.run_side(script, "prepare", child_args)
+  prep, runs = driven
   print(f"inputs: {args.num_passages} passages, passage tokens mean {prep['passage_tokens_mean']:.0f}, prompt "
         f"tokens {prep['prompt_tokens_min']}..{prep['prompt_tokens_max']} (mean {prep['prompt_tokens_mean']:.0f}),"
         f" shared prefix {prep['shared_prefix']}")
-  runs = {"ours": [], "ref": []}
-  for r in range(args.rounds):
-    if args.concurrent:
-      from concurrent.futures import ThreadPoolExecutor
-      with ThreadPoolExecutor(2) as pool:
-        futures = {side: pool.submit(common.run_side, script, side, child_args) for side in ("ours", "ref")}
-        results = {side: f.result() for side, f in futures.items()}
-    else:
-      results = {side: common.run_side(script, side, child_args) for side in ("ours", "ref")}
-    for side in ("ours", "ref"):
-      res = results[side]
-      runs[side].append(res)
-      print(f"round {r} {side}: median {common.median(res['seconds']):.3f}s load {res['load']} "
-            f"rss {res['peak_rss_mib']} MiB", flush=True)
   n = args.num_passages
-  ours_s = common.median([t for res in runs["ours"] for t in res["seconds"]])
-  ref_s = common.median([t for res in runs["ref"] for t in res["seconds"]])
-  med = lambda xs: common.median(xs) if xs else float("nan")
-  ref_strong_s = med([t for res in runs["ref"] for t in res["strong_seconds"]])
-  e2e_s = med([t for res in runs["ours"] for t in res["end_to_end_seconds"]])
+  ours_s = common.pooled_median(runs["ours"], "seconds")
+  ref_s = common.pooled_median(runs["ref"], "seconds")
+  ref_strong_s = common.pooled_median(runs["ref"], "strong_seconds")
+  e2e_s = common.pooled_median(runs["ours"], "end_to_end_seconds")
   probe = common.median([res["probe_flops"] for res in runs["ours"]])
   flops, full_flops = runs["ours"][0]["flops"], runs["ours"][0]["full_prompt_flops"]
   dp = max(abs(a - b) for a, b in zip(runs["ours"][0]["p_true"], runs["ref"][0]["p_true"]))

@@ -20,14 +20,12 @@ Tokens/s counts every slot of the [batch, seq] step (padding included); MFU uses
 FLOP/s probed in the same run.
 """
 
-import argparse
 import json
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
-from bench.score import ensure_hf_dir  # noqa: E402
 
 LEARNING_RATE = 2e-5
 KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
@@ -167,39 +165,23 @@ def side_ref(args) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--side", choices=("parent", "prepare", "ours", "ref"), default="parent")
-  parser.add_argument("--hf_dir", default="/tmp/rankrag_bench/smollm2_135m_instruct_hf")
-  parser.add_argument("--data", default="/tmp/rankrag_bench/train_batch.npz")
+  parser = common.driver_parser(__doc__, "/tmp/rankrag_bench/train_batch.npz")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--max_loss_positions", type=int, default=192)
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
-  parser.add_argument("--repeats", type=int, default=2)
-  parser.add_argument("--rounds", type=int, default=1)
-  parser.add_argument("--torch_threads", type=int, default=2)
   args = parser.parse_args()
-  if args.side != "parent":
-    common.emit({"prepare": side_prepare, "ours": side_ours, "ref": side_ref}[args.side](args))
+  driven = common.drive(__file__, args, {"prepare": side_prepare, "ours": side_ours, "ref": side_ref},
+                        lambda side, res: f"median {common.median(res['seconds']):.3f}s losses "
+                                          f"{[round(x, 4) for x in res['losses'][:3]]}")
+  if driven is None:
     return
-
-  pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
-  ensure_hf_dir(args.hf_dir)
-  child_args = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("side", "rounds")]
-  script = str(pathlib.Path(__file__).resolve())
-  prep = common.run_side(script, "prepare", child_args)
+  prep, runs = driven
   print(f"batch {args.batch} x {args.seq}: {prep['examples']} packed examples, {prep['real_tokens']} real tokens, "
         f"{prep['answer_tokens']} answer tokens (max {prep['max_answer_tokens_per_row']}/row)")
-  runs = {"ours": [], "ref": []}
-  for r in range(args.rounds):
-    for side in ("ours", "ref"):
-      res = common.run_side(script, side, child_args)
-      runs[side].append(res)
-      print(f"round {r} {side}: median {common.median(res['seconds']):.3f}s load {res['load']} "
-            f"rss {res['peak_rss_mib']} MiB losses {[round(x, 4) for x in res['losses'][:3]]}", flush=True)
   tokens = args.batch * args.seq
-  ours_s = common.median([t for res in runs["ours"] for t in res["seconds"]])
-  ref_s = common.median([t for res in runs["ref"] for t in res["seconds"]])
+  ours_s = common.pooled_median(runs["ours"], "seconds")
+  ref_s = common.pooled_median(runs["ref"], "seconds")
   probe = common.median([res["probe_flops"] for res in runs["ours"]])
   flops = runs["ours"][0]["flops"]
   summary = {

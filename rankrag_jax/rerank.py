@@ -95,42 +95,38 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
   return length
 
 
-def suffix_bucket(length: int, multiple: int = 32) -> int:
-  """Padded suffix length: a multiple of `multiple` up to 16 multiples (<= 1/2 padding at the smallest, a few
-  percent at passage lengths), then `length_bucket`'s coarser steps so long prompts still compile few shapes."""
-  if length <= 16 * multiple:
+def suffix_bucket(length: int, multiple: int = 16) -> int:
+  """Padded suffix length: the next multiple of `multiple` up to 32 multiples (a few percent of padding at
+  passage lengths), then `length_bucket`'s coarser steps so long prompts still compile few shapes."""
+  if length <= 32 * multiple:
     return max(multiple, -(-length // multiple) * multiple)
-  return max(16 * multiple, length_bucket(length))
+  return max(32 * multiple, length_bucket(length))
 
 
 def _batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int, multiple: int,
-             length_multiple: int = 32, row_multiple: int = 8):
-  """Yields (row indices, bucket, padded rows): rows grouped by length bucket, each group cut into batches.
+             length_multiple: int = 16):
+  """Yields (row indices, padded length, padded rows): the rows sorted by length, cut into consecutive groups.
 
-  A group of m rows needs n = ceil(m / rows_for(bucket)) batches; they share the rows evenly, rounded up to a
-  power of two below `row_multiple` and to a multiple of it above (times the data-parallel `multiple`), so a
-  group's batches share one shape and little of it is padding rows (rounding the last batch up to a power of two
-  could waste nearly half of it).
+  Longest first: a group's longest row sets its length (`suffix_bucket`), which sets how many rows fit in
+  `max_batch_tokens` (a power of two, times the data-parallel `multiple`). Neighbours in sorted order differ by
+  a token or two, so nearly all padding is the rounding to `length_multiple`; only the last, shortest group is
+  padded with whole rows (to a power of two). Shapes stay few: lengths step by 16, rows by powers of two.
   """
-  by_bucket: dict[int, list[int]] = {}
-  for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-    by_bucket.setdefault(suffix_bucket(lengths[i], length_multiple), []).append(i)
-  for bucket, members in sorted(by_bucket.items()):
-    rows = max(1, min(max_batch_rows, max_batch_tokens // bucket))
-    if rows >= row_multiple:
-      rows -= rows % row_multiple
-    num_batches = -(-len(members) // rows)
-    per_batch = -(-len(members) // num_batches)
-    padded = 1 << (per_batch - 1).bit_length() if per_batch < row_multiple else \
-        -(-per_batch // row_multiple) * row_multiple
-    padded = -(-padded // multiple) * multiple
-    for start in range(0, len(members), per_batch):
-      yield members[start:start + per_batch], bucket, padded
+  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+  start = 0
+  while start < len(order):
+    bucket = suffix_bucket(int(lengths[order[start]]), length_multiple)
+    fit = max(1, min(max_batch_rows, max_batch_tokens // bucket) // multiple)
+    rows = multiple * (1 << (fit.bit_length() - 1))  # the largest power of two <= fit, per data shard.
+    members = order[start:start + rows]
+    padded = multiple * (1 << (-(-len(members) // multiple) - 1).bit_length())
+    yield members, bucket, min(rows, padded)
+    start += len(members)
 
 
 @gin.configurable(denylist=["params", "config", "sequences", "answer_ids"])
 def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence[Sequence[int]],
-                          answer_ids: Sequence[int], max_batch_tokens: int = 8192, max_batch_rows: int = 64,
+                          answer_ids: Sequence[int], max_batch_tokens: int = 8192, max_batch_rows: int = 16,
                           share_prefix: bool = True, mesh: Mesh | None = None) -> np.ndarray:
   """Log-probabilities [N, A] of `answer_ids` as the next token after each sequence (token-id prompts).
 

@@ -86,14 +86,25 @@ def test_bucketing_batching_and_shared_prefix_do_not_change_scores(tiny_model, t
 
 
 def test_batches_use_few_shapes_and_little_padding():
-  lengths = list(range(1, 300))
-  shapes, padded, real = set(), 0, sum(lengths)
-  for rows, bucket, padded_rows in rerank._batches(lengths, max_batch_tokens=2048, max_batch_rows=64, multiple=1):
-    assert all(lengths[i] <= bucket for i in rows) and len(rows) <= padded_rows
-    shapes.add((padded_rows, bucket))
-    padded += padded_rows * bucket
-  assert len(shapes) <= 20
-  assert padded <= 1.6 * real
+  def shapes_and_padding(lengths, **kwargs):
+    shapes, padded, seen = set(), 0, []
+    for rows, bucket, padded_rows in rerank._batches(lengths, **kwargs):
+      assert all(lengths[i] <= bucket for i in rows) and len(rows) <= padded_rows
+      shapes.add((padded_rows, bucket))
+      padded += padded_rows * bucket
+      seen += list(rows)
+    assert sorted(seen) == list(range(len(lengths)))
+    return len(shapes), padded / sum(lengths)
+
+  num_shapes, padding = shapes_and_padding(list(range(1, 300)), max_batch_tokens=2048, max_batch_rows=64,
+                                           multiple=1)
+  assert num_shapes <= 20 and padding <= 1.1
+  # bench/score.py's case: 100 passage suffixes of 139..203 tokens.
+  lengths = list(np.random.default_rng(0).integers(139, 204, 100))
+  num_shapes, padding = shapes_and_padding(lengths, max_batch_tokens=8192, max_batch_rows=16, multiple=1)
+  assert num_shapes <= 6 and padding <= 1.08
+  num_shapes, padding = shapes_and_padding(lengths, max_batch_tokens=8192, max_batch_rows=16, multiple=4)
+  assert num_shapes <= 6 and padding <= 1.08
 
 
 def test_shared_prefix_is_the_common_tokens_and_leaves_one_to_score():
