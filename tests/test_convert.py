@@ -308,7 +308,7 @@ def test_missing_files_are_named(tmp_path):
   with pytest.raises(CheckpointError, match="no_such_model"):
     load_model("no_such_model")
   (tmp_path / "orbax_like").mkdir()
-  with pytest.raises(CheckpointError, match="orbax_like: not an HF/GGUF checkpoint"):
+  with pytest.raises(CheckpointError, match="orbax_like: neither an HF checkpoint .* nor a rankrag_jax training run"):
     load_model(tmp_path / "orbax_like")
 
 

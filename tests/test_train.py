@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from rankrag_jax import sharding
+from rankrag_jax.convert import load as convert_load
 from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import llama
 from rankrag_jax.training import checkpointing
@@ -240,6 +241,11 @@ def test_next_stage_starts_from_the_previous_runs_params(tmp_path):
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert checkpointing.Checkpointer(stage2 / "checkpoints").latest_step() == 1
+  # The serving/evaluation loader takes a run directory too: the newest step's params, nothing else.
+  config, loaded, _ = convert_load.load_model(stage2)
+  assert config == checkpointing.read_checkpoint_config(stage2)
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # -------------------------------------------------------------------------------------------- HF export

@@ -4,12 +4,14 @@
     >>> config, params, tok = load_model("/ckpts/llama3_8b_hf")      # HF dir: config.json + safetensors
 
 Dispatch: a known model asset name; a `.gguf` file; a directory with config.json (HF); any other directory is
-taken for one of our training checkpoints (`load_orbax_checkpoint`).
+taken for one of our training runs (`load_orbax_checkpoint`: its newest step and saved tokenizer).
 """
 
+import dataclasses
 import os
 import pathlib
 
+import jax
 import jax.numpy as jnp
 
 from rankrag_jax import assets
@@ -26,10 +28,16 @@ MODEL_ASSETS = ("smollm2_135m_instruct",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def load_orbax_checkpoint(directory: pathlib.Path, dtype=jnp.float32) -> tuple[LlamaConfig, dict, None]:
-  """Our own (orbax) training checkpoints: the training module provides the reader; none is wired in here."""
-  raise CheckpointError(f"{directory}: not an HF/GGUF checkpoint (no {hf.CONFIG_FILE}); loading our orbax "
-                        "training checkpoints is not supported by load_model")
+def load_orbax_checkpoint(directory: pathlib.Path, dtype=jnp.float32) -> tuple[LlamaConfig, dict, "tokenizer_lib.Tokenizer | None"]:
+  """The newest step of one of our training runs (its model_dir or model_dir/checkpoints): params only, no
+  optimizer state, with the tokenizer the run saved."""
+  from rankrag_jax.training import checkpointing, initialization  # orbax: only needed for run directories.
+  if checkpointing.find_checkpoint_directory(directory) is None:
+    raise CheckpointError(f"{directory}: neither an HF checkpoint (no {hf.CONFIG_FILE}) nor a rankrag_jax training "
+                          f"run (no checkpoints/{checkpointing.CONFIG_FILE} next to numbered step directories)")
+  config, params = checkpointing.load_params_from_checkpoint(directory)
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  return dataclasses.replace(config, param_dtype=dtype), params, initialization.load_run_tokenizer(directory)
 
 
 def load_model(path_or_name: PathLike, dtype=jnp.float32) -> tuple[LlamaConfig, dict, "tokenizer_lib.Tokenizer | None"]:
