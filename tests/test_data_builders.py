@@ -165,7 +165,6 @@ def _lines(*rows):
     (readers.read_qa_jsonl, [{"question": "q", "answers": ["a"]}, {"answers": ["a"]}], 2, "question"),
     (readers.read_qa_jsonl, [{"question": "q", "golden_answers": [""]}], 1, "golden_answers[0]"),
     (readers.read_qa_jsonl, [{"question": "q", "answers": []}], 1, "answers"),
-    (readers.read_corpus_jsonl, [{"id": 1, "text": "t"}, {"id": 2, "title": "x"}], 2, "text"),
     (readers.read_chatqa_jsonl, [{"messages": [{"role": "assistant", "content": "a"}], "document": "d"}], 1,
      "messages[0].role"),
     (readers.read_chatqa_jsonl, [{"messages": [{"role": "user", "content": "q"}], "document": "d"}], 1, "answers"),
@@ -184,8 +183,6 @@ def test_good_jsonl_rows_read(tmp_path):
   qa = list(readers.read_qa_jsonl(_write(tmp_path / "nq.jsonl", _lines(
       {"id": "7", "question": "q", "golden_answers": ["a", "b"], "ctxs": [{"id": "1", "title": "t", "text": "x"}]}))))
   assert qa == [{"id": "7", "question": "q", "answers": ["a", "b"], "ctxs": [{"id": "1", "title": "t", "text": "x"}]}]
-  corpus = list(readers.read_corpus_jsonl(_write(tmp_path / "c.jsonl", _lines({"id": "0", "contents": '"T"\nbody'}))))
-  assert corpus == [{"id": "0", "title": "T", "text": "body"}]
   chat = list(readers.read_chatqa_jsonl(_write(tmp_path / "chat.jsonl", _lines(
       {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                     {"role": "user", "content": "q2"}], "answers": ["a2"], "document": "doc"}))))

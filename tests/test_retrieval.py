@@ -61,7 +61,19 @@ def test_read_corpus_jsonl_reads_columns_and_skips_blank_lines(tmp_path):
   assert corpus_lib.read_corpus_jsonl(tmp_path / "again.jsonl") == corpus
 
 
+def test_beir_and_flashrag_corpus_rows_read(tmp_path):
+  path = tmp_path / "mixed.jsonl"
+  path.write_text('{"_id": "beir1", "title": "T", "text": "body one"}\n'
+                  '{"id": 7, "contents": "\\"Ada Lovelace\\"\\nwrote the notes"}\n'
+                  '{"id": "8", "contents": "no title here"}\n{"id": "9", "text": "no title field"}\n')
+  corpus = corpus_lib.read_corpus_jsonl(path)
+  assert corpus.ids == ("beir1", "7", "8", "9")
+  assert corpus.titles == ("T", "Ada Lovelace", "", "")
+  assert corpus.texts == ("body one", "wrote the notes", "no title here", "no title field")
+
+
 @pytest.mark.parametrize("bad_line, field", [
+    ('{"id": "b", "contents": 3}', "'contents' must be a string"),
     ('{"id": "b", "title": "", "text": "unterminated', "not valid JSON"),
     ('{"id": "b", "title": ""}', "'text'"),
     ('{"title": "", "text": "x"}', "'id'"),

@@ -1,4 +1,5 @@
-"""Readers for the QA / ranking / corpus formats users actually have; each yields plain dicts.
+"""Readers for the QA / ranking / conversational formats users actually have; each yields plain dicts.
+(Retrieval corpora, strict about duplicate ids, are read by `retrieval.corpus.read_corpus_jsonl`.)
 
 Every reader returns a `Records` iterable. A malformed row (bad JSON, missing field, empty answer) raises
 `DataError` naming `file:line` and the field; with `on_error="skip"` the row is skipped instead and counted
@@ -385,20 +386,7 @@ def read_coqa(path, on_error: str = "raise") -> Records:
   return Records(path, rows, on_error)
 
 
-# ------------------------------------------------------------------------------------------------- corpus
-def read_corpus_jsonl(path, on_error: str = "raise") -> Records:
-  """Corpus JSONL -> {id, title, text}. Accepts `id`/`_id` (BEIR) and FlashRAG's `contents` ("title\\ntext")."""
-  def parse(obj, line):
-    passage_id = _text(obj, "id" if "id" in obj else "_id")
-    if "text" not in obj and "contents" in obj:
-      title, _, text = _text(obj, "contents").partition("\n")
-      if not text.strip():
-        title, text = "", title
-      return {"id": passage_id, "title": title.strip().strip('"'), "text": text.strip()}
-    return {"id": passage_id, "title": _text(obj, "title", required=False), "text": _text(obj, "text")}
-  return Records(path, _jsonl_rows(path, parse), on_error)
-
-
+# ------------------------------------------------------------------------------------------------- output
 def write_jsonl(path, records) -> int:
   """Writes dicts one per line (UTF-8, no ASCII escaping); returns the count."""
   count = 0

@@ -1,8 +1,9 @@
 """A retrieval corpus: passages read from JSONL into columns of ids, titles and texts.
 
-The corpus file has one JSON object per line with string fields `id`, `title` and `text` (the format FlashRAG
-and DPR-style wikipedia dumps use). `title` may be empty (SQuAD paragraphs have none); `text` may not. Blank
-lines are skipped. Every other defect stops the read with a `CorpusError` that names `file:line` and the
+The corpus file has one JSON object per line with string fields `id`, `title` and `text` (DPR-style wikipedia
+dumps). Also read: BEIR's `_id` for `id`, and FlashRAG's `contents` ("title\ntext", the title in quotes) for
+`title` + `text`. `title` may be empty or absent (SQuAD paragraphs have none); `text` may not. Blank lines are
+skipped. Every other defect stops the read with a `CorpusError` that names `file:line` and the
 field, because a silently dropped passage shifts retrieval results without any visible symptom.
 
     >>> corpus = read_corpus_jsonl("wiki.jsonl")
@@ -138,18 +139,27 @@ def _validated_row(row, where: str) -> tuple[str, str, str]:
   if not isinstance(row, dict):
     raise CorpusError(f"{where}: expected a JSON object with fields {list(CORPUS_FIELDS)}, "
                       f"got {type(row).__name__}")
-  for field in CORPUS_FIELDS:
-    if field not in row:
-      raise CorpusError(f"{where}: missing field {field!r}")
-  passage_id = row["id"]
+  id_field = "id" if "id" in row or "_id" not in row else "_id"  # BEIR spells it `_id`.
+  if id_field not in row:
+    raise CorpusError(f"{where}: missing field 'id'")
+  passage_id = row[id_field]
   # Integer ids are common in DPR dumps; they are kept as their decimal string so ids have one type.
   if isinstance(passage_id, int) and not isinstance(passage_id, bool):
     passage_id = str(passage_id)
   if not isinstance(passage_id, str) or not passage_id:
-    raise CorpusError(f"{where}: field 'id' must be a non-empty string or integer, got {row['id']!r}")
-  for field in ("title", "text"):
-    if not isinstance(row[field], str):
-      raise CorpusError(f"{where}: field {field!r} must be a string, got {type(row[field]).__name__}")
-  if not row["text"].strip():
+    raise CorpusError(f"{where}: field {id_field!r} must be a non-empty string or integer, got {row[id_field]!r}")
+  if "text" not in row and "contents" in row:  # FlashRAG: "\"Title\"\ntext" in one field.
+    if not isinstance(row["contents"], str):
+      raise CorpusError(f"{where}: field 'contents' must be a string, got {type(row['contents']).__name__}")
+    title, _, text = row["contents"].partition("\n")
+    title, text = (title.strip().strip('"'), text) if text.strip() else ("", title)
+  else:
+    if "text" not in row:
+      raise CorpusError(f"{where}: missing field 'text' (or FlashRAG's 'contents')")
+    title, text = row.get("title", ""), row["text"]
+    for field, value in (("title", title), ("text", text)):
+      if not isinstance(value, str):
+        raise CorpusError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+  if not text.strip():
     raise CorpusError(f"{where}: field 'text' is empty")
-  return passage_id, row["title"], row["text"]
+  return passage_id, title, text
