@@ -78,7 +78,9 @@ def write_summary_table(summaries: dict[str, dict], out_dir: str | pathlib.Path,
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
-  columns = sorted({key for s in summaries.values() for key in s if key != "examples"})
+  columns = []  # first-seen order (the summaries' own: EM, F1, recall@1, @5, @20, ...), not alphabetical.
+  for summary in summaries.values():
+    columns += [key for key in summary if key != "examples" and key not in columns]
   lines = [f"# {title}", "", "| system | examples | " + " | ".join(columns) + " |",
            "|---|---|" + "---|" * len(columns)]
   for system, summary in summaries.items():

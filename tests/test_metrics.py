@@ -37,3 +37,11 @@ def test_summary_table(tmp_path):
   assert summary == {"examples": 2, "em": 50.0, "f1": 75.0}
   path = metrics.write_summary_table({"bm25": summary}, tmp_path, "demo")
   assert "| bm25 | 2 | 50.0 | 75.0 |" in path.read_text()
+
+
+def test_summary_table_keeps_the_metrics_order(tmp_path):
+  summaries = {"bm25": {"examples": 3, "recall@5": 80.0, "recall@10": 90.0},
+               "rerank": {"examples": 3, "recall@5": 85.0, "recall@10": 90.0, "mrr": 70.0}}
+  lines = metrics.write_summary_table(summaries, tmp_path, "demo").read_text().splitlines()
+  assert lines[2] == "| system | examples | recall@5 | recall@10 | mrr |"
+  assert lines[5] == "| rerank | 3 | 85.0 | 90.0 | 70.0 |"
