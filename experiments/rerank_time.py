@@ -17,7 +17,7 @@ import os
 import time
 
 import common
-from rankrag_jax import evaluate, rag, rerank
+from rankrag_jax import evaluate, rag
 from rankrag_jax.generate import generate
 
 
@@ -45,8 +45,8 @@ def main():
         start = time.perf_counter()
         ranked, _ = evaluate.rerank_candidates(model, example, candidates, "open_domain_qa", "chatqa")
         rerank_s = time.perf_counter() - start
-        ids, _ = evaluate.generation_prompt_ids(model, example, [c["text"] for c in ranked[:5]], "open_domain_qa",
-                                                "chatqa", 32)
+        ids, _ = rag.generation_prompt(model, example["question"], [c["text"] for c in ranked[:5]],
+                                       "open_domain_qa", "chatqa", 32)
         start = time.perf_counter()
         generate(model.params, model.config, [ids], 32, model.tokenizer.stop_ids, batch_size=1)
         generate_s = time.perf_counter() - start

@@ -12,7 +12,7 @@ from each row's own `ctxs` (`retriever="given"`: DPR's retrieval output, ChatRAG
 Output, in `out_dir`: `predictions.jsonl` (one record per example, appended and flushed chunk by chunk; a re-run
 skips the ids already there, so a killed run resumes), `summary.json` / `summary.md` (metrics.write_summary_table)
 and `run.json` (the settings and stage timings). The pipeline's pieces are the library's: `rag.build_search`,
-`rag.load_rag_model`, `rerank.score_passages`, `rerank.fit_passages_to_window`, `generate.generate`.
+`rag.load_rag_model`, `rag.rank_passages`, `rag.generation_prompt`, `generate.generate`.
 """
 
 import json
@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 
 # Gin-configurable modules are imported before --gin_file is parsed.
-from rankrag_jax import assets, metrics, prompts, rag, rerank
+from rankrag_jax import assets, metrics, rag  # rag imports rerank, prompts and generate.
 from rankrag_jax.generate import generate, max_new_tokens_for_task
 from rankrag_jax.data import readers
 from rankrag_jax.retrieval import corpus as corpus_lib
@@ -204,26 +204,11 @@ def example_metrics(example: dict, ranked: Sequence[dict], answer: str | None, t
 
 def rerank_candidates(model: "rag.RagModel", example: dict, candidates: list[dict], task: str,
                       chat_format: str) -> tuple[list[dict], int]:
-  """Candidates sorted by P("True") (stable: ties keep the retriever's order), each with its scores."""
-  scores = rerank.score_passages(model.params, model.config, model.tokenizer, example["question"],
-                                 [c["text"] for c in candidates], chat_format=chat_format, claim=task == "fever",
-                                 mesh=model.mesh)
+  """`rag.rank_passages` on retrieved candidates: them sorted by P("True"), each with its scores."""
+  order, scores = rag.rank_passages(model, example["question"], [c["text"] for c in candidates], task, chat_format)
   for c, p, pn in zip(candidates, scores.p_true, scores.p_true_normalised):
     c["p_true"], c["p_true_normalised"] = float(p), float(pn)
-  order = np.argsort(-scores.p_true, kind="stable")
   return [candidates[i] for i in order], scores.num_truncated
-
-
-def generation_prompt_ids(model: "rag.RagModel", example: dict, passages: Sequence[str], task: str,
-                          chat_format: str, max_new_tokens: int) -> tuple[list[int], int]:
-  """The App. D generation prompt over `passages`, cut to fit the window (rag.answer_questions' prompt)."""
-  if task == "fever":
-    make = lambda ps: prompts.fever_generation_prompt_example(example["question"], ps)
-  else:
-    make = lambda ps: prompts.generation_prompt_example(example["question"], ps, example["history"])
-  render = lambda ps: prompts.render_prompt(make(ps), chat_format, model.tokenizer)
-  window = model.config.max_position_embeddings - max_new_tokens
-  return rerank.fit_passages_to_window(render, model.tokenizer, list(passages), window)
 
 
 # ------------------------------------------------------------------------------------------------- resuming
@@ -325,8 +310,8 @@ def run_evaluation(dataset: str = gin.REQUIRED, out_dir: str = gin.REQUIRED, tas
                     "ranked": [{key: c[key] for key in ("id", "retrieval_rank", "retrieval_score", "p_true",
                                                         "p_true_normalised") if key in c} for c in ranked]}
           if generate_answers:
-            ids, cut = generation_prompt_ids(model, example, [c["text"] for c in ranked[:k]], task, chat_format,
-                                             budget)
+            ids, cut = rag.generation_prompt(model, example["question"], [c["text"] for c in ranked[:k]], task,
+                                             chat_format, budget, example["history"])
             prompt_ids.append(ids)
             record["num_truncated_generation"] = cut
           records.append((example, ranked, record))

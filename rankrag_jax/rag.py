@@ -122,6 +122,31 @@ def _passage_texts(corpus, ids) -> list[str]:
   return corpus.passages_by_id([str(i) for i in ids])
 
 
+def rank_passages(model: RagModel, question: str, passages: Sequence[str], task: str = "open_domain_qa",
+                  chat_format: str = "chatqa", max_prompt_tokens: int | None = None
+                  ) -> tuple[np.ndarray, rerank.PassageScores]:
+  """The rerank stage: passage indices by P("True"), best first, and the scores (in the given order).
+  The sort is stable, so ties keep the retriever's order."""
+  scores = rerank.score_passages(model.params, model.config, model.tokenizer, question, passages,
+                                 chat_format=chat_format, claim=task == "fever", max_prompt_tokens=max_prompt_tokens,
+                                 mesh=model.mesh)
+  return np.argsort(-scores.p_true, kind="stable"), scores
+
+
+def generation_prompt(model: RagModel, question: str, passages: Sequence[str], task: str = "open_domain_qa",
+                      chat_format: str = "chatqa", max_new_tokens: int = 32, history: Sequence[dict] = (),
+                      max_prompt_tokens: int | None = None) -> tuple[list[int], int]:
+  """The generate stage's prompt (App. D) over the kept passages: (token ids, passages cut). Passage tails are
+  cut so that prompt + `max_new_tokens` fit the context window."""
+  if task == "fever":
+    make = lambda ps: prompts.fever_generation_prompt_example(question, ps)
+  else:
+    make = lambda ps: prompts.generation_prompt_example(question, ps, history)
+  render = lambda ps: prompts.render_prompt(make(ps), chat_format, model.tokenizer)
+  window = (max_prompt_tokens or model.config.max_position_embeddings) - max_new_tokens
+  return rerank.fit_passages_to_window(render, model.tokenizer, list(passages), window)
+
+
 @gin.configurable(denylist=["model", "corpus", "search", "questions"])
 def answer_questions(model: RagModel, corpus, search: Search, questions: Sequence[dict], n: int = 100, k: int = 5,
                      task: str = "open_domain_qa", chat_format: str = "chatqa",
@@ -164,13 +189,10 @@ def answer_questions(model: RagModel, corpus, search: Search, questions: Sequenc
   for i, (question, text) in enumerate(zip(questions, texts)):
     start = time.perf_counter()
     candidates = _passage_texts(corpus, retrieved_ids[i])
-    scores = rerank.score_passages(model.params, model.config, model.tokenizer, text, candidates,
-                                   chat_format=chat_format, claim=task == "fever", max_prompt_tokens=window,
-                                   mesh=model.mesh)
+    order, scores = rank_passages(model, text, candidates, task, chat_format, window)
     elapsed = time.perf_counter() - start
     timings["rerank_s"] += elapsed
-    # Stable sort on -P(True): ties keep the retriever's order.
-    kept = np.argsort(-scores.p_true, kind="stable")[:k]
+    kept = order[:k]
     record = {**question, "question": text,
               "passages": [{"id": str(retrieved_ids[i][j]), "p_true": float(scores.p_true[j]),
                             "p_true_normalised": float(scores.p_true_normalised[j]),
@@ -183,10 +205,8 @@ def answer_questions(model: RagModel, corpus, search: Search, questions: Sequenc
     if record["abstained"]:
       record["answer"] = prompts.UNANSWERABLE_ANSWER
     else:
-      make = prompts.fever_generation_prompt_example if task == "fever" else prompts.generation_prompt_example
-      render = lambda ps, text=text, make=make: prompts.render_prompt(make(text, ps), chat_format, model.tokenizer)
-      ids, cut = rerank.fit_passages_to_window(render, model.tokenizer, [candidates[j] for j in kept],
-                                               window - max_new_tokens)
+      ids, cut = generation_prompt(model, text, [candidates[j] for j in kept], task, chat_format, max_new_tokens,
+                                   max_prompt_tokens=window)
       record["num_truncated_generation"] = cut
       prompt_ids.append(ids)
       to_generate.append(record)
