@@ -1,11 +1,14 @@
 """One Stage-II training step: our sharded jitted train step vs. a transformers/PyTorch step on the same batch.
 
-    python bench/train_step.py                    # batch 4 x seq 512 packed (cpu.gin), AdamW
-    python bench/train_step.py --batch=4 --repeats=5
+    python bench/train_step.py                    # real Stage-II batches, 4 x 512 packed (cpu.gin), AdamW
+    python bench/train_step.py --source=synthetic --repeats=5
 
-The batch (made once by a `prepare` child, saved as .npz) is packed like Stage II: each row holds examples of a
-150..450-token prompt (passages + question; random token ids) followed by a 2..24-token answer, with restarting
-positions, segment ids (0 = padding) and loss weights on the answer tokens only.
+The batches (made once by a `prepare` child, saved as .npz; step i of either side trains on batch i):
+  --source=blend (default): the first `repeats + 1` batches `python -m rankrag_jax.train --gin_file=stage2.gin
+        --gin_file=cpu.gin` trains on (the embedded blend's Stage-II mixture, SmolLM2 tokens, seed 0), exactly as
+        its data pipeline packs them (about 80% of slots are real tokens);
+  --source=synthetic: rows packed with 150..450-token prompts of random ids + 2..24-token answers (~70% real).
+Either way: restarting positions, segment ids (0 = padding), loss weights on the answer tokens only.
 
   ours: `training.step.jit_train_step` (jit with NamedShardings on a 1-device mesh under the default logical rules,
         state donated; AdamW b1 0.9 b2 0.98 wd 0.1, clip 1.0; answer positions gathered, K = --max_loss_positions,
@@ -16,8 +19,8 @@ positions, segment ids (0 = padding) and loss weights on the answer tokens only.
         weight decay on matrices only; the fused CPU kernel when available).
 
 Tokens/s counts every slot of the [batch, seq] step (padding included); MFU uses the matmul FLOPs of the real tokens
-(forward + backward = 3 x forward, segment-causal attention, LM head on answer tokens only) against the f32 matmul
-FLOP/s probed in the same run.
+(forward + backward = 3 x forward, segment-causal attention, LM head on answer tokens only) of the timed steps'
+batches against the f32 matmul FLOP/s probed in the same run. Step 0 (compilation / warm-up) is not timed.
 """
 
 import json
@@ -71,15 +74,31 @@ def train_flops(config, batch: dict) -> float:
   return 3 * (2 * n_layer_params * float(real.sum()) + attn + head)
 
 
+def blend_batches(count: int, batch: int, seq: int) -> list[dict]:
+  """The first `count` batches of the README's Stage-II CPU run (stage2.gin + cpu.gin), as its loop gets them."""
+  from rankrag_jax import cli
+  from rankrag_jax.training import data
+  cli.parse_gin(["gin_configs/stage2.gin", "gin_configs/cpu.gin"], [], [])
+  batches = data.blend_batches("train", batch, seq, shard_id=0, num_shards=1, seed=0)
+  return [{k: next_batch[k] for k in KEYS} for next_batch, _ in zip(batches, range(count))]
+
+
 def side_prepare(args) -> dict:
   import numpy as np
-  config = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())
-  batch = make_batch(args.batch, args.seq, config["vocab_size"])
-  np.savez(args.data, **batch)
-  real = batch["decoder_segment_ids"] != 0
-  return {"real_tokens": int(real.sum()), "answer_tokens": int((batch["decoder_loss_weights"] != 0).sum()),
-          "examples": int(sum(len(set(row[row != 0])) for row in batch["decoder_segment_ids"])),
-          "max_answer_tokens_per_row": int((batch["decoder_loss_weights"] != 0).sum(1).max())}
+  count = args.repeats + 1
+  if args.source == "blend":
+    batches = blend_batches(count, args.batch, args.seq)
+  else:
+    config = json.loads((pathlib.Path(args.hf_dir) / "config.json").read_text())
+    batches = [make_batch(args.batch, args.seq, config["vocab_size"], seed=i) for i in range(count)]
+  np.savez(args.data, **{k: np.stack([b[k] for b in batches]) for k in KEYS})
+  timed = batches[1:]
+  real = [float((b["decoder_segment_ids"] != 0).mean()) for b in batches]
+  return {"source": args.source, "batches": count, "real_token_fraction": real,
+          "real_tokens_timed": int(sum((b["decoder_segment_ids"] != 0).sum() for b in timed)),
+          "answer_tokens_timed": int(sum((b["decoder_loss_weights"] != 0).sum() for b in timed)),
+          "examples": int(sum(len(set(row[row != 0])) for b in batches for row in b["decoder_segment_ids"])),
+          "max_answer_tokens_per_row": int(max((b["decoder_loss_weights"] != 0).sum(1).max() for b in batches))}
 
 
 def side_ours(args) -> dict:
@@ -90,7 +109,7 @@ def side_ours(args) -> dict:
   from rankrag_jax.convert.load import load_model
   from rankrag_jax.training import optimizer as optimizer_lib
   from rankrag_jax.training import step as step_lib
-  batch = dict(np.load(args.data))
+  batches = dict(np.load(args.data))
   config, params, _ = load_model(args.hf_dir)
   if args.remat != "none":
     import dataclasses
@@ -104,19 +123,20 @@ def side_ours(args) -> dict:
     params = jax.device_put(params, state_shardings["params"])
     state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, 0), out_shardings=state_shardings)(params)
     del params
-    device_batch = {k: jax.device_put(batch[k], data_shardings[k]) for k in step_lib.BATCH_KEYS}
+    device_batches = [{k: jax.device_put(batches[k][i], data_shardings[k]) for k in step_lib.BATCH_KEYS}
+                      for i in range(len(batches[KEYS[0]]))]
     holder = {"state": state, "losses": []}
 
-    def run():
-      holder["state"], metrics = step_fn(holder["state"], device_batch)
+    def run():  # step i trains on batch i
+      holder["state"], metrics = step_fn(holder["state"], device_batches[len(holder["losses"])])
       holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
 
     run()  # compile
     probe = common.matmul_flops_probe()
     load = common.machine_load()
     times = common.time_repeats(run, args.repeats, warmup=0)
-  return {"seconds": times, "probe_flops": probe, "load": load, "losses": holder["losses"],
-          "flops": train_flops(config, batch)}
+  timed_flops = [train_flops(config, {k: v[i] for k, v in batches.items()}) for i in range(1, 1 + len(times))]
+  return {"seconds": times, "probe_flops": probe, "load": load, "losses": holder["losses"], "flops": timed_flops}
 
 
 def side_ref(args) -> dict:
@@ -125,7 +145,6 @@ def side_ref(args) -> dict:
   import torch.nn.functional as F
   from transformers import LlamaForCausalLM
   torch.set_num_threads(args.torch_threads)
-  b = {k: torch.from_numpy(v) for k, v in np.load(args.data).items()}
   model = LlamaForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
   model.train()
   decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -135,23 +154,30 @@ def side_ref(args) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-8, fused=True)
   except (RuntimeError, TypeError):
     optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-8)
-  seg = b["decoder_segment_ids"]
-  t = seg.shape[1]
-  causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
-  mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & causal
-  mask = (mask | torch.eye(t, dtype=torch.bool))[:, None]  # pad rows attend to themselves: no NaN in sdpa
-  inputs, positions = b["decoder_input_tokens"].long(), b["decoder_positions"].long()
-  rows, cols = torch.nonzero(b["decoder_loss_weights"] != 0, as_tuple=True)
-  targets = b["decoder_target_tokens"].long()[rows, cols]
-  weights = b["decoder_loss_weights"][rows, cols]
+
+  def torch_batch(b):
+    """The packed batch as the reference consumes it: a 4-D segment-causal mask, answer positions."""
+    seg = b["decoder_segment_ids"]
+    t = seg.shape[1]
+    causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0) & causal
+    mask = (mask | torch.eye(t, dtype=torch.bool))[:, None]  # pad rows attend to themselves: no NaN in sdpa
+    rows, cols = torch.nonzero(b["decoder_loss_weights"] != 0, as_tuple=True)
+    return {"inputs": b["decoder_input_tokens"].long(), "positions": b["decoder_positions"].long(), "mask": mask,
+            "rows": rows, "cols": cols, "targets": b["decoder_target_tokens"].long()[rows, cols],
+            "weights": b["decoder_loss_weights"][rows, cols]}
+
+  stacked = np.load(args.data)
+  batches = [torch_batch({k: torch.from_numpy(stacked[k][i]) for k in KEYS}) for i in range(len(stacked[KEYS[0]]))]
   losses = []
 
-  def run():
+  def run():  # step i trains on batch i
+    b = batches[len(losses)]
     optimizer.zero_grad(set_to_none=True)
-    hidden = model.model(input_ids=inputs, attention_mask=mask, position_ids=positions,
+    hidden = model.model(input_ids=b["inputs"], attention_mask=b["mask"], position_ids=b["positions"],
                          use_cache=False).last_hidden_state
-    logits = model.lm_head(hidden[rows, cols])
-    loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
+    logits = model.lm_head(hidden[b["rows"], b["cols"]])
+    loss = (F.cross_entropy(logits, b["targets"], reduction="none") * b["weights"]).sum() / b["weights"].sum()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -170,6 +196,8 @@ def main():
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--max_loss_positions", type=int, default=192)
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  parser.add_argument("--source", default="blend", choices=("blend", "synthetic"))
+  parser.set_defaults(repeats=5)
   args = parser.parse_args()
   driven = common.drive(__file__, args, {"prepare": side_prepare, "ours": side_ours, "ref": side_ref},
                         lambda side, res: f"median {common.median(res['seconds']):.3f}s losses "
@@ -177,26 +205,32 @@ def main():
   if driven is None:
     return
   prep, runs = driven
-  print(f"batch {args.batch} x {args.seq}: {prep['examples']} packed examples, {prep['real_tokens']} real tokens, "
-        f"{prep['answer_tokens']} answer tokens (max {prep['max_answer_tokens_per_row']}/row)")
+  print(f"batch {args.batch} x {args.seq} ({prep['source']}): {prep['batches']} batches (step 0 untimed), "
+        f"{prep['examples']} packed examples, real-token fraction per batch "
+        f"{[round(f, 2) for f in prep['real_token_fraction']]}, {prep['answer_tokens_timed']} answer tokens in the "
+        f"timed steps (max {prep['max_answer_tokens_per_row']}/row)")
   tokens = args.batch * args.seq
   ours_s = common.pooled_median(runs["ours"], "seconds")
   ref_s = common.pooled_median(runs["ref"], "seconds")
   probe = common.median([res["probe_flops"] for res in runs["ours"]])
-  flops = runs["ours"][0]["flops"]
+  flops = runs["ours"][0]["flops"]  # per timed step, the same batches on both sides
+  # MFU over the timed steps: their real-token FLOPs / their wall time (steps differ in real tokens, not in shape).
+  mfu = lambda side: common.median([sum(flops) / sum(res["seconds"]) / probe for res in runs[side]])
+  loss_diff = max(abs(a - b) for a, b in zip(runs["ours"][0]["losses"], runs["ref"][0]["losses"]))
   summary = {
       "benchmark": "train_step", "batch": args.batch, "seq": args.seq, "inputs": prep,
       "ours_tokens_per_s": tokens / ours_s, "ref_tokens_per_s": tokens / ref_s, "ratio": ref_s / ours_s,
       "ours_step_s": ours_s, "ref_step_s": ref_s, "probe_gflops": probe / 1e9,
-      "ours_mfu": flops / ours_s / probe, "ref_mfu": flops / ref_s / probe,
-      "first_loss_ours": runs["ours"][0]["losses"][0], "first_loss_ref": runs["ref"][0]["losses"][0],
+      "ours_mfu": mfu("ours"), "ref_mfu": mfu("ref"),
+      "losses_ours": runs["ours"][0]["losses"], "losses_ref": runs["ref"][0]["losses"],
+      "max_abs_loss_diff": loss_diff,
       "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
       "ref_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ref"]),
       "load": [res["load"] for side in ("ours", "ref") for res in runs[side]], "end_load": common.machine_load()}
   print(f"ours {summary['ours_tokens_per_s']:.0f} tokens/s ({ours_s:.2f}s/step), transformers "
         f"{summary['ref_tokens_per_s']:.0f} ({ref_s:.2f}s/step); ratio {summary['ratio']:.2f}x")
   print(f"probe {probe / 1e9:.1f} GFLOP/s; MFU ours {summary['ours_mfu']:.1%}, ref {summary['ref_mfu']:.1%}; "
-        f"first loss ours {summary['first_loss_ours']:.5f} ref {summary['first_loss_ref']:.5f}; peak RSS ours "
+        f"losses agree to {loss_diff:.1e} over {len(runs['ours'][0]['losses'])} steps; peak RSS ours "
         f"{summary['ours_peak_rss_mib']} MiB, ref {summary['ref_peak_rss_mib']} MiB")
   print(json.dumps(summary))
 
