@@ -30,14 +30,18 @@ def heldout_systems(tuned_checkpoint: str | None) -> dict[str, dict]:
       "dense": dict(retriever="dense", n=20, use_reranker=False, generate_answers=False,
                     label="dense (all-MiniLM-L6-v2, faiss)"),
   }
-  models = [("zs", ZERO_SHOT, "SmolLM2-135M-Instruct zero-shot")]
+  # The paper's prompts in ChatQA's plain-text format (what our Stage II trains on), and, for the zero-shot
+  # model, the same prompts inside SmolLM2-Instruct's own chat template (ChatML), the format it was tuned on.
+  models = [("zs", ZERO_SHOT, "SmolLM2-135M-Instruct zero-shot", "chatqa"),
+            ("zsct", ZERO_SHOT, "SmolLM2-135M-Instruct zero-shot, its chat template", "chat_template")]
   if tuned_checkpoint:
-    models.append(("tuned", tuned_checkpoint, "SmolLM2-135M + our Stage-II"))
-  for key, checkpoint, label in models:
-    systems[f"{key}_rerank20_gen5"] = dict(retriever="bm25", n=20, k=5, use_reranker=True, checkpoint=checkpoint,
-                                           label=f"BM25 top-20 -> {label} P(True) rerank")
-    systems[f"{key}_norerank_gen5"] = dict(retriever="bm25", n=5, k=5, use_reranker=False, checkpoint=checkpoint,
-                                           label=f"BM25 top-5 -> {label} (w/o reranking)")
+    models.append(("tuned", tuned_checkpoint, "SmolLM2-135M + our Stage-II", "chatqa"))
+  for key, checkpoint, label, chat_format in models:
+    shared = dict(retriever="bm25", k=5, checkpoint=checkpoint, chat_format=chat_format)
+    systems[f"{key}_rerank20_gen5"] = dict(n=20, use_reranker=True, label=f"BM25 top-20 -> {label} P(True) rerank",
+                                           **shared)
+    systems[f"{key}_norerank_gen5"] = dict(n=5, use_reranker=False, label=f"BM25 top-5 -> {label} (w/o reranking)",
+                                           **shared)
   return systems
 
 

@@ -57,14 +57,16 @@ def main():
   dataset = pathlib.Path(args.runs_dir) / "vitaminc_heldout.jsonl"
   dataset.parent.mkdir(parents=True, exist_ok=True)
   stats = build_claims(dataset, args.claims, args.seed)
-  models = {"vitaminc_zs": (common.ZERO_SHOT, "SmolLM2-135M-Instruct zero-shot")}
+  models = {"vitaminc_zs": (common.ZERO_SHOT, "SmolLM2-135M-Instruct zero-shot", "chatqa"),
+            "vitaminc_zsct": (common.ZERO_SHOT, "SmolLM2-135M-Instruct zero-shot, its chat template",
+                              "chat_template")}
   if args.tuned:
-    models["vitaminc_tuned"] = (args.tuned, "SmolLM2-135M + our Stage-II")
+    models["vitaminc_tuned"] = (args.tuned, "SmolLM2-135M + our Stage-II", "chatqa")
   results, rows = {"data": stats, "systems": {}}, []
-  for name, (checkpoint, label) in models.items():
+  for name, (checkpoint, label, chat_format) in models.items():
     if not args.no_run:
       common.run_system(args.runs_dir, name, dict(checkpoint=checkpoint, retriever="given", n=1, k=1,
-                                                  use_reranker=False, task="fever"),
+                                                  use_reranker=False, task="fever", chat_format=chat_format),
                         None, dataset=str(dataset), corpus=None)
     records = common.read_predictions(args.runs_dir, name)
     if not records:
