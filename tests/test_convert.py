@@ -16,6 +16,7 @@ import safetensors.numpy
 from rankrag_jax import assets
 from rankrag_jax.convert import CheckpointError, hf, load_gguf, load_hf_checkpoint, load_model, save_hf_checkpoint
 from rankrag_jax.convert import gguf as gguf_convert
+from rankrag_jax.convert import hf_config
 from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import llama
 
@@ -131,11 +132,11 @@ def test_export_loads_in_transformers(tmp_path, tied):
 def test_config_round_trips_through_config_json():
   for name in config_lib.PRESETS:
     config = config_lib.get_config(name)
-    assert hf.config_from_hf(json.loads(json.dumps(hf.config_to_hf(config)))) == config, name
+    assert hf_config.config_from_hf(json.loads(json.dumps(hf_config.config_to_hf(config)))) == config, name
   # transformers 5 writes rope settings as `rope_parameters`.
-  hf_config = _random_hf_model().config.to_dict()
-  assert "rope_parameters" in hf_config
-  assert hf.config_from_hf(hf_config).rope_scaling == config_lib.RopeScaling(8.0, 1.0, 4.0, 64)
+  written = _random_hf_model().config.to_dict()
+  assert "rope_parameters" in written
+  assert hf_config.config_from_hf(written).rope_scaling == config_lib.RopeScaling(8.0, 1.0, 4.0, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def test_missing_files_are_named(tmp_path):
   with pytest.raises(CheckpointError, match=re.escape(shard) + r".*model\.safetensors\.index\.json"):
     load_hf_checkpoint(tmp_path / "sharded")
   (tmp_path / "weightless").mkdir()
-  (tmp_path / "weightless" / "config.json").write_text(json.dumps(hf.config_to_hf(config)))
+  (tmp_path / "weightless" / "config.json").write_text(json.dumps(hf_config.config_to_hf(config)))
   with pytest.raises(CheckpointError, match=r"weightless.*model\.safetensors"):
     load_hf_checkpoint(tmp_path / "weightless")
   with pytest.raises(CheckpointError, match="missing.gguf"):
@@ -336,13 +337,13 @@ def test_config_weight_shape_mismatch_names_file_tensor_and_field(tmp_path):
 
 
 def test_unsupported_config_fields_are_named():
-  base = hf.config_to_hf(config_lib.tiny())
+  base = hf_config.config_to_hf(config_lib.tiny())
   with pytest.raises(CheckpointError, match=r"config\.json: rope_scaling\.rope_type='yarn'"):
-    hf.config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    hf_config.config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
   with pytest.raises(CheckpointError, match=r"config\.json: model_type='mistral'"):
-    hf.config_from_hf({**base, "model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+    hf_config.config_from_hf({**base, "model_type": "mistral", "architectures": ["MistralForCausalLM"]})
   with pytest.raises(CheckpointError, match=r"config\.json: required field 'hidden_size'"):
-    hf.config_from_hf({k: v for k, v in base.items() if k != "hidden_size"})
+    hf_config.config_from_hf({k: v for k, v in base.items() if k != "hidden_size"})
 
 
 def test_unsupported_gguf_architecture_is_named(tmp_path):

@@ -161,9 +161,9 @@ def test_rope_frequencies_match_transformers(preset):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
-  from rankrag_jax.convert import hf  # pylint: disable=g-import-not-at-top
+  from rankrag_jax.convert import hf_config as hf_config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.get_config(preset)
-  hf_config = transformers.LlamaConfig(**hf.config_to_hf(config))
+  hf_config = transformers.LlamaConfig(**hf_config_lib.config_to_hf(config))
   rope_type = hf_config.rope_parameters.get("rope_type", "default")
   if rope_type == "default":
     expected = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))

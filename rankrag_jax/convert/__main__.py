@@ -11,6 +11,7 @@ from absl import flags
 
 from rankrag_jax import tokenizer as tokenizer_lib
 from rankrag_jax.convert import hf
+from rankrag_jax.convert import hf_config
 from rankrag_jax.convert.load import load_model
 
 _INPUT = flags.DEFINE_string("input", None, "A .gguf file, an HF directory, or a model asset name.", required=True)
@@ -26,7 +27,7 @@ def main(argv):
     config, params, tokenizer = load_model(_INPUT.value)
     written = hf.save_hf_checkpoint(_OUTPUT_HF.value, config, params, tokenizer=tokenizer,
                                     max_shard_size=_MAX_SHARD_SIZE.value, dtype=_DTYPE.value)
-  except (hf.CheckpointError, tokenizer_lib.TokenizerError) as e:  # the message names the file; no traceback.
+  except (hf_config.CheckpointError, tokenizer_lib.TokenizerError) as e:  # the message names the file; no traceback.
     sys.exit(f"error: {e}")
   print(f"{_INPUT.value} -> {_OUTPUT_HF.value} ({config.num_layers} layers, vocab {config.vocab_size}, "
         f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings, {_DTYPE.value})")

@@ -18,7 +18,8 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from rankrag_jax.convert.hf import CheckpointError, ParamAssembler
+from rankrag_jax.convert.hf import ParamAssembler
+from rankrag_jax.convert.hf_config import CheckpointError
 from rankrag_jax.model import llama
 from rankrag_jax.model.config import LlamaConfig, RopeScaling
 

@@ -4,7 +4,8 @@
 import (`ParamAssembler`, `load_hf_checkpoint`) and export (`hf_tensors`, `save_hf_checkpoint`) both read it,
 so they cannot drift apart. The GGUF importer reuses it too, after renaming llama.cpp's tensors to HF's.
 
-Files are read with `safetensors` (framework="numpy") and json only: never pickles.
+Files are read with `safetensors` (framework="numpy") and json only: never pickles. config.json <-> LlamaConfig is
+in hf_config.py.
 """
 
 import dataclasses
@@ -17,24 +18,20 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-from rankrag_jax.model.config import LlamaConfig, RopeScaling
+from rankrag_jax.convert.hf_config import (CONFIG_FILE, CheckpointError, config_to_hf, generation_config_dict,
+                                           np_dtype, read_hf_config)
+from rankrag_jax.model.config import LlamaConfig
 
 PathLike = str | os.PathLike
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or written; the message names the file and the tensor or field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,123 +120,6 @@ def _concrete_names(config: LlamaConfig) -> dict[str, tuple[ParamMapping, int | 
   return names
 
 
-def _np_dtype(dtype) -> np.dtype:
-  """numpy dtype for a jnp/np dtype or name; bfloat16 via ml_dtypes (which safetensors' numpy API uses)."""
-  if isinstance(dtype, str) and dtype in ("bfloat16", "bf16"):
-    return np.dtype(ml_dtypes.bfloat16)
-  return np.dtype(dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# config.json <-> LlamaConfig
-
-def _rope_scaling_from_hf(rope: Mapping[str, Any] | None, source: str, field: str) -> RopeScaling | None:
-  if not rope:
-    return None
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type == "default":
-    return None
-  if rope_type != "llama3":
-    raise CheckpointError(f"{source}: {field}.rope_type={rope_type!r} is not supported "
-                          "(only llama3 scaling or none)")
-  try:
-    return RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                       high_freq_factor=float(rope["high_freq_factor"]),
-                       original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-  except KeyError as e:
-    raise CheckpointError(f"{source}: {field} (llama3) lacks {e.args[0]!r}") from None
-
-
-def config_from_hf(config_json: Mapping[str, Any], source: str = CONFIG_FILE) -> LlamaConfig:
-  """LlamaConfig from an HF Llama config.json dict; `source` names the file in errors.
-
-  Missing optional fields take HF LlamaConfig's defaults. Both rope spellings are read: `rope_theta` +
-  `rope_scaling` (transformers 4, published Llama configs) and `rope_parameters` (transformers 5).
-  """
-  cfg = dict(config_json)
-  architectures = cfg.get("architectures") or ["LlamaForCausalLM"]
-  if cfg.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in architectures:
-    raise CheckpointError(f"{source}: model_type={cfg.get('model_type')!r}, architectures={architectures} is "
-                          "not supported (only model_type 'llama' / LlamaForCausalLM)")
-  for field, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-    if cfg.get(field, allowed) != allowed:
-      raise CheckpointError(f"{source}: {field}={cfg[field]!r} is not supported (only {allowed!r})")
-
-  def required(field):
-    if field not in cfg:
-      raise CheckpointError(f"{source}: required field {field!r} is missing")
-    return int(cfg[field])
-
-  hidden, heads = required("hidden_size"), required("num_attention_heads")
-  rope_field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
-  rope = cfg.get(rope_field) or {}
-  eos = cfg.get("eos_token_id")
-  try:
-    return LlamaConfig(
-        vocab_size=required("vocab_size"), hidden_size=hidden, intermediate_size=required("intermediate_size"),
-        num_layers=required("num_hidden_layers"), num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        rope_scaling=_rope_scaling_from_hf(rope, source, rope_field),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
-  except ValueError as e:  # LlamaConfig's own consistency checks (e.g. heads vs kv heads).
-    raise CheckpointError(f"{source}: {e}") from None
-
-
-def _dtype_name(dtype) -> str:
-  return "bfloat16" if _np_dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else _np_dtype(dtype).name
-
-
-def config_to_hf(config: LlamaConfig, dtype=None) -> dict[str, Any]:
-  """The config.json dict transformers (4.x and 5.x) reads as this LlamaForCausalLM."""
-  rope_scaling = None
-  if config.rope_scaling is not None:
-    rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
-  eos = config.eos_token_id
-  return {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
-      "head_dim": config.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": config.max_position_embeddings,
-      "rms_norm_eps": config.rms_norm_eps,
-      "rope_theta": config.rope_theta,
-      "rope_scaling": rope_scaling,
-      "tie_word_embeddings": config.tie_word_embeddings,
-      "attention_bias": False,
-      "attention_dropout": 0.0,
-      "mlp_bias": False,
-      "bos_token_id": config.bos_token_id,
-      "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
-      "torch_dtype": _dtype_name(dtype or config.param_dtype),
-      "use_cache": True,
-  }
-
-
-def generation_config_dict(config: LlamaConfig, stop_ids: Sequence[int] = ()) -> dict[str, Any]:
-  """generation_config.json: bos/eos (plus the tokenizer's end-of-turn ids) and greedy decoding."""
-  eos = config.eos_token_id
-  eos_ids = list(eos) if isinstance(eos, tuple) else ([] if eos is None else [eos])
-  eos_ids += [i for i in stop_ids if i not in eos_ids]
-  gen = {"do_sample": False}
-  if config.bos_token_id is not None:
-    gen["bos_token_id"] = config.bos_token_id
-  if eos_ids:
-    gen["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
-  return gen
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Import
 
@@ -254,7 +134,7 @@ class ParamAssembler:
   def __init__(self, config: LlamaConfig, dtype=jnp.float32, config_source: str = CONFIG_FILE,
                field_names: Mapping[str, str] = HF_FIELD_NAMES):
     self.config = config
-    self._dtype = _np_dtype(dtype)
+    self._dtype = np_dtype(dtype)
     self._config_source = config_source
     self._field_names = field_names
     self._expected = _concrete_names(config)
@@ -310,17 +190,6 @@ class ParamAssembler:
         node = node.setdefault(key, {})
       node[path[-1]] = jnp.asarray(self._arrays.pop(path))  # drop each numpy copy as soon as it is on device.
     return params
-
-
-def read_hf_config(directory: PathLike) -> LlamaConfig:
-  path = pathlib.Path(directory) / CONFIG_FILE
-  if not path.is_file():
-    raise CheckpointError(f"{path}: no such file (an HF checkpoint directory needs {CONFIG_FILE})")
-  try:
-    config_json = json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{path}: not readable as JSON: {e}") from None
-  return config_from_hf(config_json, source=str(path))
 
 
 def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -403,7 +272,7 @@ def hf_tensors(config: LlamaConfig, params: Mapping, dtype=None) -> Iterator[tup
       m, layer = names[name]
       array = np.asarray(jax.device_get(leaves[m.path] if layer is None else leaves[m.path][layer]))
       array = np.ascontiguousarray(m.to_hf(array, config))
-      yield name, array.astype(_np_dtype(dtype), copy=False) if dtype is not None else array
+      yield name, array.astype(np_dtype(dtype), copy=False) if dtype is not None else array
 
   return generate()
 
@@ -441,7 +310,7 @@ def save_hf_checkpoint(directory: PathLike, config: LlamaConfig, params: Mapping
   directory.mkdir(parents=True, exist_ok=True)
   limit = parse_size(max_shard_size)
   names = _concrete_names(config)
-  dtype = _np_dtype(dtype if dtype is not None else _leaf(params, ("embed_tokens", "embedding")).dtype)
+  dtype = np_dtype(dtype if dtype is not None else _leaf(params, ("embed_tokens", "embedding")).dtype)
   # Plan shards from shapes alone, then materialise one shard's tensors at a time.
   shards: list[list[str]] = [[]]
   shard_bytes = total = 0

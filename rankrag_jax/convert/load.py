@@ -18,7 +18,7 @@ from rankrag_jax import assets
 from rankrag_jax import tokenizer as tokenizer_lib
 from rankrag_jax.convert import gguf as gguf_convert
 from rankrag_jax.convert import hf
-from rankrag_jax.convert.hf import CheckpointError
+from rankrag_jax.convert.hf_config import CheckpointError
 from rankrag_jax.model.config import LlamaConfig
 
 PathLike = str | os.PathLike
