@@ -23,6 +23,7 @@ Tokens/s counts every slot of the [batch, seq] step (padding included); MFU uses
 batches against the f32 matmul FLOP/s probed in the same run. Step 0 (compilation / warm-up) is not timed.
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -111,9 +112,7 @@ def side_ours(args) -> dict:
   from rankrag_jax.training import step as step_lib
   batches = dict(np.load(args.data))
   config, params, _ = load_model(args.hf_dir)
-  if args.remat != "none":
-    import dataclasses
-    config = dataclasses.replace(config, remat_policy=args.remat)
+  config = dataclasses.replace(config, remat_policy=args.remat, scan_layers=not args.unroll)
   mesh, rules = sharding_lib.make_mesh(), sharding_lib.logical_axis_rules()
   schedule = optax.constant_schedule(LEARNING_RATE)
   optimizer = optimizer_lib.make_optimizer(schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
@@ -196,6 +195,7 @@ def main():
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--max_loss_positions", type=int, default=192)
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  parser.add_argument("--unroll", type=int, default=0, help="unrolled layers instead of nn.scan (ours)")
   parser.add_argument("--source", default="blend", choices=("blend", "synthetic"))
   parser.set_defaults(repeats=5)
   args = parser.parse_args()
