@@ -53,8 +53,9 @@ def main():
             "rerank s/q", "generate s/q"]
   text = ("# Generation with and without reranking (Table 3 ablation analogue)\n\n"
           f"Held-out questions finished by every system: {len(subset)} (first {args.limit} of heldout.jsonl). "
-          "Greedy decoding, max 32 new tokens, ChatQA prompt `Passage 1..5` + "
-          "`{question}. Answer the above question with a short phrase.`\n\n" + common.markdown_table(header, rows))
+          "Greedy decoding, max 32 new tokens, the paper's prompt `Passage 1..5` + "
+          "`{question}. Answer the above question with a short phrase.` in ChatQA's plain-text format, or in the "
+          "model's own chat template where the label says so.\n\n" + common.markdown_table(header, rows))
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   (common.RESULTS_DIR / "generation.md").write_text(text)
   (common.RESULTS_DIR / "generation.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
