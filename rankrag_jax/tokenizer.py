@@ -9,7 +9,7 @@ Every format is turned into a `tokenizers.Tokenizer` (the Rust BPE), so encoding
   as the Llama-2 `tokenizer.json` layout: merges ranked by piece score, byte fallback, dummy-prefix normaliser.
 - a `.gguf` file's metadata (llama.cpp keys `tokenizer.ggml.*`) gives either a byte-level BPE
   (`tokenizer.ggml.model == "gpt2"`, pre-tokenizer regex chosen by `tokenizer.ggml.pre`) or the same
-  SentencePiece-style BPE (`"llama"`).
+  SentencePiece-style BPE (`"llama"`): `tokenizer_gguf.py`.
 
     >>> tok = load_tokenizer(asset_file("smollm2_135m_instruct"))
     >>> tok.encode("<|im_start|>user\\nHi<|im_end|>")  # special tokens stay whole
@@ -18,10 +18,8 @@ Every format is turned into a `tokenizers.Tokenizer` (the Rust BPE), so encoding
 import datetime
 import functools
 import json
-import mmap
 import os
 import pathlib
-import struct
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import gguf
@@ -29,7 +27,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, processors
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,7 +42,7 @@ LLAMA3_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p
                       r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # `tokenizer.ggml.pre` values llama.cpp (src/llama-vocab.cpp) maps to LLAMA_VOCAB_PRE_TYPE_LLAMA3, which also
 # sets ignore_merges (a whole pre-token found in the vocabulary is one id) and add_bos.
-_LLAMA3_PRE_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+LLAMA3_PRE_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "jina-v5-nano")
 _SPM_SPACE = "\u2581"  # SentencePiece's visible space "▁".
 
@@ -187,7 +185,8 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
   if path.suffix == ".json":
     return _load_tokenizer_json(path)
   if path.suffix == ".gguf":
-    return tokenizer_from_gguf_metadata(read_gguf_tokenizer_metadata(path), source=str(path))
+    from rankrag_jax import tokenizer_gguf  # local: it builds on this module's pieces.
+    return tokenizer_gguf.load_gguf_tokenizer(path)
   if path.suffix == ".model" or path.name.startswith("tokenizer.model"):
     return _load_sentencepiece(path)
   raise TokenizerError(f"{path}: unknown tokenizer file type {path.suffix!r} "
@@ -260,7 +259,7 @@ def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float], mergeabl
   return [(left, right) for *_, left, right in ranked]
 
 
-def _sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int],
+def sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], token_types: Sequence[int],
                        unk_token: Optional[str], add_dummy_prefix: bool,
                        remove_extra_whitespaces: bool = False) -> tokenizers.Tokenizer:
   """The Llama-2 tokenizer.json layout: byte-fallback BPE, spaces as "▁", a "▁" prepended to each text span."""
@@ -281,11 +280,11 @@ def _sentencepiece_bpe(tokens: Sequence[str], scores: Sequence[float], token_typ
   strip = [decoders.Strip(" ", 1, 0)] if add_dummy_prefix else []
   backend.decoder = decoders.Sequence(
       [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
-  _add_vocabulary_special_tokens(backend, tokens, token_types)
+  add_vocabulary_special_tokens(backend, tokens, token_types)
   return backend
 
 
-def _add_vocabulary_special_tokens(backend: tokenizers.Tokenizer, tokens: Sequence[str],
+def add_vocabulary_special_tokens(backend: tokenizers.Tokenizer, tokens: Sequence[str],
                                    token_types: Sequence[int]) -> None:
   """Control/unknown pieces become special added tokens, user-defined ones plain added tokens.
 
@@ -318,7 +317,7 @@ def _load_sentencepiece(path: pathlib.Path) -> Tokenizer:
   tokens = [p.piece for p in proto.pieces]
   spec = proto.trainer_spec
   piece = lambda i: tokens[i] if 0 <= i < len(tokens) else None
-  backend = _sentencepiece_bpe(tokens, [p.score for p in proto.pieces], [p.type for p in proto.pieces],
+  backend = sentencepiece_bpe(tokens, [p.score for p in proto.pieces], [p.type for p in proto.pieces],
                                unk_token=piece(spec.unk_id),
                                add_dummy_prefix=proto.normalizer_spec.add_dummy_prefix,
                                remove_extra_whitespaces=proto.normalizer_spec.remove_extra_whitespaces)
@@ -328,132 +327,3 @@ def _load_sentencepiece(path: pathlib.Path) -> Tokenizer:
                    pad_token=config.get("pad_token") or piece(spec.pad_id), unk_token=piece(spec.unk_id),
                    chat_template=config.get("chat_template"),
                    add_bos_by_default=bool(config.get("add_bos_token", True)))  # SentencePiece LMs take bos.
-
-
-# --- GGUF-embedded vocabularies --------------------------------------------------------------------------
-
-_GGUF_SCALARS = {gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b", gguf.GGUFValueType.UINT16: "H",
-                 gguf.GGUFValueType.INT16: "h", gguf.GGUFValueType.UINT32: "I", gguf.GGUFValueType.INT32: "i",
-                 gguf.GGUFValueType.FLOAT32: "f", gguf.GGUFValueType.BOOL: "?", gguf.GGUFValueType.UINT64: "Q",
-                 gguf.GGUFValueType.INT64: "q", gguf.GGUFValueType.FLOAT64: "d"}
-
-
-def read_gguf_tokenizer_metadata(path: PathLike) -> dict[str, Any]:
-  """The `general.*` and `tokenizer.*` metadata of a GGUF file as Python values (tensor data is not read).
-
-  A direct walk of the key/value section: `gguf.GGUFReader` makes a numpy view per string and takes ~10 s on
-  Llama-3's 128k tokens + 280k merges; this takes ~0.3 s. (Callers already holding a GGUFReader can pass
-  `{k: f.contents() for k, f in reader.fields.items()}` to `tokenizer_from_gguf_metadata` instead.)
-  """
-  with open(path, "rb") as f:
-    if f.read(4) != b"GGUF":
-      raise TokenizerError(f"{path}: not a GGUF file (no GGUF magic bytes)")
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
-      try:
-        return _read_gguf_kv_section(blob, path)
-      except TokenizerError:
-        raise
-      except (struct.error, ValueError) as e:
-        raise TokenizerError(f"{path}: truncated or corrupt GGUF metadata ({e})") from e
-
-
-def _read_gguf_kv_section(blob, path: PathLike) -> dict[str, Any]:
-  """Walks the key/value section that follows the 24-byte GGUF header."""
-  version, _, kv_count = struct.unpack_from("<IQQ", blob, 4)
-  if version < 2:
-    raise TokenizerError(f"{path}: GGUF version {version} is not supported (need >= 2)")
-  pos, metadata = 24, {}
-
-  def read_string(pos):
-    (length,) = struct.unpack_from("<Q", blob, pos)
-    return blob[pos + 8:pos + 8 + length].decode("utf-8", errors="replace"), pos + 8 + length
-
-  for _ in range(kv_count):
-    key, pos = read_string(pos)
-    (kind,) = struct.unpack_from("<I", blob, pos)
-    keep = key.startswith(("tokenizer.", "general."))
-    value, pos = _read_gguf_value(blob, pos + 4, kind, read_string, keep)
-    if keep:
-      metadata[key] = value
-  return metadata
-
-
-def _read_gguf_value(blob, pos: int, kind: int, read_string, keep: bool):
-  """(value, next position); arrays of keys we do not keep are skipped over, giving None."""
-  if kind in _GGUF_SCALARS:
-    fmt = "<" + _GGUF_SCALARS[kind]
-    return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
-  if kind == gguf.GGUFValueType.STRING:
-    return read_string(pos)
-  if kind == gguf.GGUFValueType.ARRAY:
-    item_kind, count = struct.unpack_from("<IQ", blob, pos)
-    pos += 12
-    if item_kind in _GGUF_SCALARS:
-      fmt = f"<{count}{_GGUF_SCALARS[item_kind]}"
-      return list(struct.unpack_from(fmt, blob, pos)) if keep else None, pos + struct.calcsize(fmt)
-    read_item = read_string if item_kind == gguf.GGUFValueType.STRING else (  # the hot loop: vocab and merges.
-        lambda pos: _read_gguf_value(blob, pos, item_kind, read_string, keep))
-    values = []
-    for _ in range(count):
-      value, pos = read_item(pos)
-      values.append(value)
-    return values if keep else None, pos
-  raise ValueError(f"unknown GGUF value type {kind} at byte {pos}")
-
-
-def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], source: str) -> Tokenizer:
-  """Builds the tokenizer a GGUF file describes (`tokenizer.ggml.*` keys, as llama.cpp writes them)."""
-  def field(key, required=True):
-    if required and key not in metadata:
-      raise TokenizerError(f"{source}: GGUF has no tokenizer metadata field {key!r}")
-    return metadata.get(key)
-
-  kind = field(gguf.Keys.Tokenizer.MODEL)
-  if kind not in ("gpt2", "llama"):
-    raise TokenizerError(f"{source}: GGUF field 'tokenizer.ggml.model' is {kind!r}; supported: 'gpt2', 'llama'")
-  tokens = list(field(gguf.Keys.Tokenizer.LIST))
-  token_types = list(field(gguf.Keys.Tokenizer.TOKEN_TYPE, required=False) or [gguf.TokenType.NORMAL] * len(tokens))
-  if kind == "gpt2":
-    backend = _gguf_byte_level_bpe(tokens, field(gguf.Keys.Tokenizer.MERGES), token_types,
-                                   field(gguf.Keys.Tokenizer.PRE, required=False) or "default")
-  else:  # "llama": SentencePiece-style BPE.
-    unk_id = field(gguf.Keys.Tokenizer.UNK_ID, required=False)
-    backend = _sentencepiece_bpe(tokens, field(gguf.Keys.Tokenizer.SCORES), token_types,
-                                 unk_token=tokens[unk_id] if unk_id is not None else None,
-                                 add_dummy_prefix=field(gguf.Keys.Tokenizer.ADD_PREFIX, required=False) is not False)
-
-  def token(key):
-    token_id = field(key, required=False)
-    return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
-
-  add_bos = field(gguf.Keys.Tokenizer.ADD_BOS, required=False)
-  if add_bos is None:  # llama.cpp's defaults: SentencePiece vocabularies and Llama-3 take bos.
-    add_bos = kind == "llama" or field(gguf.Keys.Tokenizer.PRE, required=False) in _LLAMA3_PRE_NAMES
-  return Tokenizer(backend, source=source, bos_token=token(gguf.Keys.Tokenizer.BOS_ID),
-                   eos_token=token(gguf.Keys.Tokenizer.EOS_ID), pad_token=token(gguf.Keys.Tokenizer.PAD_ID),
-                   unk_token=token(gguf.Keys.Tokenizer.UNK_ID),
-                   chat_template=field(gguf.Keys.Tokenizer.CHAT_TEMPLATE, required=False),
-                   add_bos_by_default=bool(add_bos),
-                   extra_stop_tokens=[t for t in (token(gguf.Keys.Tokenizer.EOT_ID),) if t])
-
-
-def _gguf_byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
-                         pre: str) -> tokenizers.Tokenizer:
-  """GPT-2-style byte-level BPE; tokens and merges are already spelled in the byte-to-unicode alphabet."""
-  llama3 = pre in _LLAMA3_PRE_NAMES
-  backend = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
-                                            [tuple(m.split(" ", 1)) for m in merges], ignore_merges=llama3))
-  if llama3:
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  elif pre == "smollm":
-    # SmolLM's tokenizer.json (and llama.cpp's "smollm" pre-type): single digits, then the GPT-2 regex.
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-  else:  # "default", "gpt2" and the rest: GPT-2's own regex.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  backend.decoder = decoders.ByteLevel()
-  _add_vocabulary_special_tokens(backend, tokens, token_types)
-  return backend

@@ -12,6 +12,7 @@ import transformers
 
 from rankrag_jax import assets
 from rankrag_jax import tokenizer as tokenizer_lib
+from rankrag_jax import tokenizer_gguf
 from rankrag_jax.data import vocabulary
 
 GOLDEN_MARKER = "\n__ggml_vocab_test__\n"
@@ -50,12 +51,12 @@ def llama3_json():
 
 @pytest.fixture(scope="module")
 def bpe_gguf_metadata():
-  return tokenizer_lib.read_gguf_tokenizer_metadata(_vocab_dir() / "ggml-vocab-llama-bpe.gguf")
+  return tokenizer_gguf.read_gguf_tokenizer_metadata(_vocab_dir() / "ggml-vocab-llama-bpe.gguf")
 
 
 @pytest.fixture(scope="module")
 def llama3_gguf(bpe_gguf_metadata):
-  return tokenizer_lib.tokenizer_from_gguf_metadata(bpe_gguf_metadata, source="ggml-vocab-llama-bpe.gguf")
+  return tokenizer_gguf.tokenizer_from_gguf_metadata(bpe_gguf_metadata, source="ggml-vocab-llama-bpe.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +107,10 @@ def test_gguf_llama_spm_reproduces_llama_cpp_spm_vectors(llama2_gguf):
 def test_golden_vectors_catch_wrong_pretokenizer_and_missing_dummy_prefix(bpe_gguf_metadata):
   """The golden comparison can fail: GPT-2's regex for Llama-3, or no "▁" prefix for Llama-2, is caught."""
   gpt2_split = dict(bpe_gguf_metadata, **{"tokenizer.ggml.pre": "default"})
-  assert golden_mismatches(tokenizer_lib.tokenizer_from_gguf_metadata(gpt2_split, source="x"), "bpe")
-  spm = tokenizer_lib.read_gguf_tokenizer_metadata(_vocab_dir() / "ggml-vocab-llama-spm.gguf")
+  assert golden_mismatches(tokenizer_gguf.tokenizer_from_gguf_metadata(gpt2_split, source="x"), "bpe")
+  spm = tokenizer_gguf.read_gguf_tokenizer_metadata(_vocab_dir() / "ggml-vocab-llama-spm.gguf")
   no_prefix = dict(spm, **{"tokenizer.ggml.add_space_prefix": False})
-  assert golden_mismatches(tokenizer_lib.tokenizer_from_gguf_metadata(no_prefix, source="x"), "spm")
+  assert golden_mismatches(tokenizer_gguf.tokenizer_from_gguf_metadata(no_prefix, source="x"), "spm")
 
 
 @pytest.mark.parametrize("fixture,vocab", [("llama3_json", "bpe"), ("llama3_gguf", "bpe"), ("llama2_gguf", "spm")])
