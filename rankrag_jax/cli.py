@@ -23,8 +23,9 @@ GIN_SEARCH_PATHS = flags.DEFINE_multi_string("gin_search_paths", [], "Extra dire
 
 def parse_gin(gin_files: Sequence[str] | None = None, gin_bindings: Sequence[str] | None = None,
               search_paths: Sequence[str] | None = None, finalize: bool = True) -> None:
-  """Parses Gin files + bindings (default: the flags). A file or include is looked up from the current
-  directory, the repository root, then `search_paths`, so commands work from any directory."""
+  """Parses Gin files + bindings (default: the flags), so commands work from any directory: a --gin_file is
+  looked up from the current directory, then the repository root; an include from the repository root, the
+  current directory, then `search_paths`."""
   gin_files = GIN_FILES.value if gin_files is None else gin_files
   gin_bindings = GIN_BINDINGS.value if gin_bindings is None else gin_bindings
   search_paths = GIN_SEARCH_PATHS.value if search_paths is None else search_paths

@@ -28,7 +28,8 @@ MODEL_ASSETS = ("smollm2_135m_instruct",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def load_orbax_checkpoint(directory: pathlib.Path, dtype=jnp.float32) -> tuple[LlamaConfig, dict, "tokenizer_lib.Tokenizer | None"]:
+def load_orbax_checkpoint(directory: pathlib.Path,
+                          dtype=jnp.float32) -> tuple[LlamaConfig, dict, "tokenizer_lib.Tokenizer | None"]:
   """The newest step of one of our training runs (its model_dir or model_dir/checkpoints): params only, no
   optimizer state, with the tokenizer the run saved."""
   from rankrag_jax.training import checkpointing, initialization  # orbax: only needed for run directories.
