@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
-from bench.score import _reference_batches  # noqa: E402
+from bench.score import reference_log_probs  # noqa: E402
 
 
 def main():
@@ -43,24 +43,7 @@ def main():
     return np.exp(rerank.score_token_sequences(params, config, sequences, (true_id, false_id))[:, 0])
 
   def ref(strong):
-    out = np.zeros(len(sequences), np.float32)
-    with torch.inference_mode():
-      for rows in _reference_batches(sequences, args.ref_batch, sort=strong):
-        width = max(len(sequences[i]) for i in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-          n = len(sequences[i])
-          sl = slice(width - n, width) if strong else slice(0, n)
-          ids[r, sl], mask[r, sl] = torch.tensor(sequences[i]), 1
-        if strong:
-          pos = (mask.cumsum(-1) - 1).clamp(min=0)
-          last = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
-        else:
-          logits = model(input_ids=ids, attention_mask=mask).logits
-          last = logits[torch.arange(len(rows)), mask.sum(-1) - 1]
-        out[rows] = torch.softmax(last.float(), -1)[:, true_id].numpy()
-    return out
+    return np.exp(reference_log_probs(model, sequences, (true_id, false_id), args.ref_batch, strong)[:, 0])
 
   p_ours = ours()  # compile
   fns = {"ours": ours, "ref_plain": lambda: ref(False), "ref_strong": lambda: ref(True)}

@@ -120,41 +120,46 @@ def _reference_batches(sequences, batch_size, sort):
   return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def reference_log_probs(model, sequences, answer_ids, batch_size: int, strong: bool = False,
+                        only_first_batch: bool = False):
+  """transformers' log P(answer_ids) [N, A] after each prompt.
+
+  strong=False: the plain batched forward (passages in the given order, right-padded, full [B, T, V] logits, the
+  last real position's row). strong=True: rows sorted by length, left-padded with explicit positions so the last
+  real token is at -1, and `logits_to_keep=1` (only that position reaches the LM head)."""
+  import numpy as np
+  import torch
+  out = np.zeros((len(sequences), len(answer_ids)), np.float32)
+  batches = _reference_batches(sequences, batch_size, sort=strong)
+  with torch.inference_mode():
+    for rows in batches[:1] if only_first_batch else batches:
+      width = max(len(sequences[i]) for i in rows)
+      ids = torch.zeros((len(rows), width), dtype=torch.long)
+      mask = torch.zeros_like(ids)
+      for r, i in enumerate(rows):
+        n = len(sequences[i])
+        filled = slice(width - n, width) if strong else slice(0, n)
+        ids[r, filled], mask[r, filled] = torch.tensor(sequences[i]), 1
+      if strong:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        last = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+      else:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last = logits[torch.arange(len(rows)), mask.sum(-1) - 1]
+      out[rows] = torch.log_softmax(last.float(), dim=-1)[:, list(answer_ids)].numpy()
+  return out
+
+
 def side_ref(args) -> dict:
   import numpy as np
   import torch
   from transformers import LlamaForCausalLM
   torch.set_num_threads(args.torch_threads)
   data = json.loads(pathlib.Path(args.data).read_text())
-  sequences, (true_id, false_id) = data["sequences"], data["answer_ids"]
+  sequences, answer_ids = data["sequences"], tuple(data["answer_ids"])
   model = LlamaForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
-
-  def run(strong=False, only_first_batch=False):
-    """strong=False: the plain batched forward (passages in the given order, right-padded, full [B, T, V] logits,
-    the last real position's row). strong=True: rows sorted by length, left-padded with explicit positions so
-    the last real token is at -1, and `logits_to_keep=1` (only that position reaches the LM head)."""
-    out = np.zeros((len(sequences), 2), np.float32)
-    batches = _reference_batches(sequences, args.ref_batch, sort=strong)
-    with torch.inference_mode():
-      for rows in batches[:1] if only_first_batch else batches:
-        width = max(len(sequences[i]) for i in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-          n = len(sequences[i])
-          if strong:
-            ids[r, width - n:], mask[r, width - n:] = torch.tensor(sequences[i]), 1
-          else:
-            ids[r, :n], mask[r, :n] = torch.tensor(sequences[i]), 1
-        if strong:
-          positions = (mask.cumsum(-1) - 1).clamp(min=0)
-          last = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
-        else:
-          logits = model(input_ids=ids, attention_mask=mask).logits
-          last = logits[torch.arange(len(rows)), mask.sum(-1) - 1]
-        log_probs = torch.log_softmax(last.float(), dim=-1)[:, [true_id, false_id]]
-        out[rows] = log_probs.numpy()
-    return out
+  run = lambda strong=False, only_first_batch=False: reference_log_probs(
+      model, sequences, answer_ids, args.ref_batch, strong, only_first_batch)
 
   run(only_first_batch=True)  # warm-up
   load = common.machine_load()
