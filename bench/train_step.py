@@ -112,7 +112,9 @@ def side_ours(args) -> dict:
   from rankrag_jax.training import step as step_lib
   batches = dict(np.load(args.data))
   config, params, _ = load_model(args.hf_dir)
-  config = dataclasses.replace(config, remat_policy=args.remat, scan_layers=not args.unroll)
+  config = dataclasses.replace(config, remat_policy=args.remat, scan_layers=not args.unroll,
+                               attention_query_block=args.attention_query_block,
+                               flatten_matmul_tokens=bool(args.flatten_matmul_tokens))
   mesh, rules = sharding_lib.make_mesh(), sharding_lib.logical_axis_rules()
   schedule = optax.constant_schedule(LEARNING_RATE)
   optimizer = optimizer_lib.make_optimizer(schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
@@ -196,6 +198,10 @@ def main():
   parser.add_argument("--max_loss_positions", type=int, default=192)
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
   parser.add_argument("--unroll", type=int, default=0, help="unrolled layers instead of nn.scan (ours)")
+  parser.add_argument("--attention_query_block", type=int, default=64,
+                      help="ours: causal attention one query block at a time (cpu.gin's value); 0 = one call")
+  parser.add_argument("--flatten_matmul_tokens", type=int, default=1,
+                      help="ours: projections as 2-D [tokens, features] matmuls (cpu.gin's value)")
   parser.add_argument("--source", default="blend", choices=("blend", "synthetic"))
   parser.set_defaults(repeats=5)
   args = parser.parse_args()

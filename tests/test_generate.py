@@ -48,7 +48,11 @@ def greedy_by_full_forwards(config, params, prompt, max_new, stop_ids=()):
   return new
 
 
-def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model):
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, backend, monkeypatch):
+  # "gpu": the jit every non-CPU backend gets (stacked layers and cache, default options), compiled for the CPU.
+  jitted = generate_lib._jitted_decode_batch(backend)
+  monkeypatch.setattr(generate_lib, "_jitted_decode_batch", lambda _: jitted)
   config, params = tiny_model
   got = generate_lib.generate(params, config, PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4)
   for prompt, new in zip(PROMPTS, got):

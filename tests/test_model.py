@@ -58,6 +58,25 @@ def test_kv_cache_prefill_then_single_tokens_equals_full_forward(tiny):
   assert int(cache["index"]) == 12
 
 
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_unstacked_layers_with_per_layer_cache_equal_the_scanned_forward(tiny, remat_policy):
+  config, params = tiny
+  config = dataclasses.replace(config, remat_policy=remat_policy)
+  tokens = _tokens(10, (2, 12))
+  full = _forward(config, params, tokens)
+  layers = llama.unstack_layers(params)
+  assert len(layers) == config.num_layers
+  cache = llama.init_cache(config, batch_size=2, max_length=16, per_layer=True)
+  pieces = []
+  for start, end in [(0, 7), (7, 8), (8, 12)]:
+    positions = jnp.broadcast_to(jnp.arange(start, end, dtype=jnp.int32), (2, end - start))
+    hidden, cache = llama.unstacked_hidden_states(config, params, layers, tokens[:, start:end], positions,
+                                                  jnp.ones((2, end - start), jnp.int32), cache)
+    pieces.append(llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden))
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=ATOL)
+  assert int(cache["index"]) == 12 and len(cache["k"]) == config.num_layers
+
+
 def test_greedy_kv_cache_decoding_equals_repeated_full_forwards(tiny):
   config, params = tiny
   prompt = _tokens(2, (1, 5))
@@ -123,6 +142,30 @@ def _loss(params, config, tokens):
 
 
 _value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+
+
+def _packed_loss(params, config, tokens, positions, segment_ids):
+  """Mean log-probability of one token over the real (non-padding) slots only."""
+  logp = jax.nn.log_softmax(_forward(config, params, tokens, positions, segment_ids))[..., 5]
+  return jnp.sum(jnp.where(segment_ids != 0, logp, 0.0)) / jnp.sum(segment_ids != 0)
+
+
+@pytest.mark.parametrize("query_block", [4, 5])
+def test_blockwise_causal_attention_equals_one_call_on_packed_padded_rows(tiny, query_block):
+  config, params = tiny
+  # Two rows of 11 slots: three packed segments, and one segment followed by padding (segment id 0).
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3], [1] * 7 + [0] * 4], jnp.int32)
+  positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2], list(range(11))], jnp.int32)
+  tokens = _tokens(9, (2, 11))
+  blockwise = dataclasses.replace(config, attention_query_block=query_block)
+  grad_fn = jax.jit(jax.value_and_grad(_packed_loss), static_argnums=1)
+  value, grads = grad_fn(params, config, tokens, positions, segment_ids)
+  block_value, block_grads = grad_fn(params, blockwise, tokens, positions, segment_ids)
+  real = np.asarray(segment_ids != 0)
+  np.testing.assert_allclose(_forward(blockwise, params, tokens, positions, segment_ids)[real],
+                             _forward(config, params, tokens, positions, segment_ids)[real], atol=ATOL)
+  np.testing.assert_allclose(block_value, value, atol=ATOL)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), block_grads, grads)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from rankrag_jax.model import axes
+from rankrag_jax.model import ops
 from rankrag_jax.model.config import LlamaConfig
 
 Array = jax.Array
@@ -93,13 +94,20 @@ def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: Array 
   return (same & causal[None])[:, None]
 
 
+def _dense_kwargs(cfg: LlamaConfig) -> dict:
+  kwargs = {"use_bias": False, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+  if cfg.flatten_matmul_tokens:
+    kwargs["dot_general"] = ops.token_flattened_dot_general
+  return kwargs
+
+
 class Attention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None):
     cfg = self.config
-    dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg))
     q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
               name="q_proj")(x)
     k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
@@ -117,7 +125,11 @@ class Attention(nn.Module):
       v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index, 1)
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # GQA: heads grouped over kv_heads.
+    # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
+    if kv_cache is None and 0 < cfg.attention_query_block < q.shape[1]:
+      out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM))
     out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init((axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
                 name="o_proj")(out)
@@ -130,7 +142,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    dense = functools.partial(nn.Dense, **_dense_kwargs(cfg))
     gate = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="gate_proj")(x)
     up = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
@@ -190,6 +202,13 @@ class Llama(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = LMHeadKernel(cfg)
 
+  def embed(self, tokens: Array) -> Array:
+    x = self.embed_tokens(tokens)
+    return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+  def normalize(self, x: Array) -> Array:
+    return self.final_norm(x)
+
   def hidden_states(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
                     cache: dict | None = None) -> tuple[Array, dict | None]:
     """Final-norm hidden states [B, T, D] and the updated cache (None without one).
@@ -202,20 +221,16 @@ class Llama(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
-    x = self.embed_tokens(tokens)
-    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    x = self.embed(tokens)
     sin, cos = rope_sin_cos(positions, self.config)
     if cache is None:
       mask = attention_mask(segment_ids, segment_ids)
       x, _ = self.layers(x, sin, cos, mask, None, None)
-      return self.final_norm(x), None
-    index = cache["index"]
-    kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32),
-                                                      index, 1)
-    mask = attention_mask(segment_ids, kv_segments, q_offset=index)
-    x, kv = self.layers(x, sin, cos, mask, index, {"k": cache["k"], "v": cache["v"]})
-    new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "index": index + t}
-    return self.final_norm(x), new_cache
+      return self.normalize(x), None
+    kv_segments, mask = _cached_attention_mask(cache, segment_ids)
+    x, kv = self.layers(x, sin, cos, mask, cache["index"], {"k": cache["k"], "v": cache["v"]})
+    new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "index": cache["index"] + t}
+    return self.normalize(x), new_cache
 
   def logits_from_hidden(self, hidden: Array, vocab_ids: Array | None = None) -> Array:
     """Projects hidden [..., D] to f32 logits [..., V], or only onto the vocabulary rows `vocab_ids` [n]."""
@@ -226,7 +241,8 @@ class Llama(nn.Module):
     if vocab_ids is not None:
       table = jnp.take(table, vocab_ids, axis=0)
     dtype = self.config.dtype
-    logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), table.astype(dtype))
+    dot_general = ops.token_flattened_dot_general if self.config.flatten_matmul_tokens else jax.lax.dot_general
+    logits = dot_general(hidden.astype(dtype), table.astype(dtype), (((hidden.ndim - 1,), (1,)), ((), ())))
     if logits.ndim == 3:
       logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
     return logits.astype(jnp.float32)
@@ -236,12 +252,50 @@ class Llama(nn.Module):
     return self.logits_from_hidden(hidden)
 
 
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> dict:
-  """An empty KV cache (all slots padding) for `max_length` tokens."""
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None, per_layer: bool = False) -> dict:
+  """An empty KV cache (all slots padding) for `max_length` tokens; with per_layer, "k" and "v" are lists of
+  L arrays [B, S, Kh, D] (for `unstacked_hidden_states`)."""
   shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
   dtype = dtype or config.dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+  if per_layer:
+    k, v = ([jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers)] for _ in range(2))
+  else:
+    k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  return {"k": k, "v": v, "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def _cached_attention_mask(cache: dict, segment_ids: Array) -> tuple[Array, Array]:
+  """The cache's segment ids with this call's written at `index`, and the queries' mask over all its slots."""
+  index = cache["index"]
+  kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32), index, 1)
+  return kv_segments, attention_mask(segment_ids, kv_segments, q_offset=index)
+
+
+def unstack_layers(params: dict) -> list[dict]:
+  """Each decoder layer's parameters, sliced once out of the stacked `params["layers"]`."""
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)]
+
+
+def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
+                            segment_ids: Array, cache: dict) -> tuple[Array, dict]:
+  """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`.
+
+  For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
+  the stack (XLA:CPU copies them, ~45% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
+  """
+  model = Llama(config)
+  x = model.apply({"params": params}, tokens, method=Llama.embed)
+  sin, cos = rope_sin_cos(positions, config)
+  kv_segments, mask = _cached_attention_mask(cache, segment_ids)
+  layer, ks, vs = DecoderLayer(config), [], []
+  for layer_params, k, v in zip(layers, cache["k"], cache["v"]):
+    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, cache["index"], {"k": k, "v": v})
+    ks.append(kv["k"])
+    vs.append(kv["v"])
+  new_cache = {"k": ks, "v": vs, "segment_ids": kv_segments, "index": cache["index"] + tokens.shape[1]}
+  return model.apply({"params": params}, x, method=Llama.normalize), new_cache
 
 
 def cache_logical_axes() -> dict:

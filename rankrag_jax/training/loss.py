@@ -21,14 +21,16 @@ LOSS_SUM, WEIGHT_SUM, CORRECT_SUM, DROPPED = "loss_sum", "weight_sum", "correct_
 
 
 def loss_positions(weights: Array, max_positions: int) -> tuple[Array, Array]:
-  """Indices [B, K] of each row's first K positions with non-zero weight (padded with weightless positions),
+  """Indices [B, K] of each row's first K positions with non-zero weight (padded with a weightless position),
   and the count of weighted positions that did not fit."""
   k = min(max_positions, weights.shape[1])
   has_loss = weights != 0  # != 0 (not > 0) so a NaN weight is kept and surfaces as a NaN loss.
-  order = jnp.argsort(~has_loss, axis=1, stable=True)  # weighted positions first, in sequence order
-  indices = order[:, :k]
-  kept = jnp.take_along_axis(has_loss, indices, axis=1).sum()
-  return indices, has_loss.sum() - kept
+  # nonzero (a cumsum and a scatter), not a stable argsort: XLA:CPU's sort costs ~0.15 s per [4, 512] call.
+  # A row with fewer than K weighted positions has a weightless one to pad with: its first.
+  pad = jnp.argmin(has_loss, axis=1)
+  indices = jax.vmap(lambda row, fill: jnp.nonzero(row, size=k, fill_value=fill)[0])(has_loss, pad)
+  counts = has_loss.sum(axis=1)
+  return indices.astype(jnp.int32), jnp.sum(jnp.maximum(counts - k, 0))
 
 
 def zero_sums() -> dict:
