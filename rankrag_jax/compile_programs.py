@@ -152,7 +152,7 @@ def score_workload(mesh, rules, rows_per_data_shard: int = 64,
             jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), tokens,
             jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding.data_sharding(mesh, rules, ndim=1)),
             jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated))
-    return Program(rerank.score_token_batch, args)
+    return Program(jax.jit(rerank.score_token_batch, static_argnames=("config",)), args)
 
   n_matmul = config.flops_per_token(0, training=False) / 2  # matmul params, LM head included
   head = config.hidden_size * config.vocab_size

@@ -22,7 +22,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rankrag_jax import prompts
-from rankrag_jax.generate import data_parallel_size, length_bucket, shard_batch
+from rankrag_jax.generate import data_parallel_size, length_bucket, shard_batch, shared_prefix_length
+from rankrag_jax.model import ops
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama, init_cache
 
@@ -38,7 +39,6 @@ class PassageScores:
   prompt_lengths: np.ndarray     # [N] prompt tokens after truncation.
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def prefill_prefix(params: dict, config: LlamaConfig, tokens: Array, length: Array) -> dict:
   """Runs the shared prompt prefix (tokens [1, P], the first `length` real) into a batch-1 KV cache of P slots."""
   model = Llama(config)
@@ -49,7 +49,6 @@ def prefill_prefix(params: dict, config: LlamaConfig, tokens: Array, length: Arr
   return cache
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
 def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, prefix_length: Array,
                       tokens: Array, lengths: Array, answer_ids: Array) -> Array:
   """Log-probabilities of the answer tokens after each prompt: [B, len(answer_ids)].
@@ -85,14 +84,9 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
   return answer_logits - jax.nn.logsumexp(full_logits, axis=-1, keepdims=True)
 
 
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-  """Tokens every sequence starts with, leaving at least one token of each to score."""
-  limit = min(len(s) for s in sequences) - 1
-  first = sequences[0]
-  length = 0
-  while length < limit and all(s[length] == first[length] for s in sequences):
-    length += 1
-  return length
+@functools.cache
+def _jitted(fn: Callable, backend: str) -> Callable:
+  return jax.jit(fn, static_argnames=("config",), compiler_options=ops.inference_compiler_options(backend))
 
 
 def suffix_bucket(length: int, multiple: int = 16) -> int:
@@ -146,7 +140,8 @@ def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence
   prefix_len = shared_prefix_length(sequences) if share_prefix else 0
   prefix = np.zeros((1, length_bucket(max(prefix_len, 1))), np.int32)
   prefix[0, :prefix_len] = sequences[0][:prefix_len]
-  prefix_cache = prefill_prefix(params, config, jnp.asarray(prefix), jnp.int32(prefix_len))
+  backend = jax.default_backend()
+  prefix_cache = _jitted(prefill_prefix, backend)(params, config, jnp.asarray(prefix), jnp.int32(prefix_len))
   suffixes = [s[prefix_len:] for s in sequences]
   answers = jnp.asarray(answer_ids, jnp.int32)
   multiple = data_parallel_size(mesh)
@@ -159,7 +154,8 @@ def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence
       tokens[r, :len(suffixes[i])] = suffixes[i]
       lengths[r] = len(suffixes[i])
     tokens, lengths = shard_batch((tokens, lengths), mesh)
-    log_probs = score_token_batch(params, config, prefix_cache, jnp.int32(prefix_len), tokens, lengths, answers)
+    log_probs = _jitted(score_token_batch, backend)(params, config, prefix_cache, jnp.int32(prefix_len), tokens,
+                                                    lengths, answers)
     out[rows] = np.asarray(log_probs)[:len(rows)]
   return out
 

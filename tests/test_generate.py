@@ -48,14 +48,27 @@ def greedy_by_full_forwards(config, params, prompt, max_new, stop_ids=()):
   return new
 
 
+# Three rows sharing a 19-token prefix (16 of it computed once) and one row that is only longer, plus padding rows.
+SHARED = list(range(100, 119))
+PREFIXED_PROMPTS = [SHARED + [7], SHARED + [8, 9, 10], SHARED[:17] + [3] * 5]
+
+
+def test_shared_prefix_length_rounds_down_and_leaves_each_row_a_token():
+  assert generate_lib.shared_prefix_length(PREFIXED_PROMPTS, multiple=16) == 16
+  assert generate_lib.shared_prefix_length(PREFIXED_PROMPTS) == 17
+  assert generate_lib.shared_prefix_length([SHARED, SHARED]) == len(SHARED) - 1
+  assert generate_lib.shared_prefix_length(PROMPTS) == 0
+
+
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, backend, monkeypatch):
+@pytest.mark.parametrize("prompts", [PROMPTS, PREFIXED_PROMPTS], ids=["different", "shared_prefix"])
+def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, backend, prompts, monkeypatch):
   # "gpu": the jit every non-CPU backend gets (stacked layers and cache, default options), compiled for the CPU.
   jitted = generate_lib._jitted_decode_batch(backend)
   monkeypatch.setattr(generate_lib, "_jitted_decode_batch", lambda _: jitted)
   config, params = tiny_model
-  got = generate_lib.generate(params, config, PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4)
-  for prompt, new in zip(PROMPTS, got):
+  got = generate_lib.generate(params, config, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4)
+  for prompt, new in zip(prompts, got):
     assert new == greedy_by_full_forwards(config, params, prompt, MAX_NEW)
 
 
