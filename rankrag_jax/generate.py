@@ -109,7 +109,7 @@ def decode_batch(params: dict, config: LlamaConfig, tokens: Array, lengths: Arra
     sample: False for greedy (argmax), True for temperature / top-p sampling.
     prefix_length: how many leading tokens all rows share, computed once (static; < every row's length).
     unstack_layers: run the layers from per-layer copies of their weights and a per-layer cache (static). On
-      XLA:CPU, stepping the stacked layers copies every layer's weights out of the stack at each step (~45% of
+      XLA:CPU, stepping the stacked layers copies every layer's weights out of the stack at each step (~40% of
       a batch-8 SmolLM2 step); the copies cost one more set of layer weights in memory.
 
   Returns:

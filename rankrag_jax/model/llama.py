@@ -283,7 +283,7 @@ def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict
   """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`.
 
   For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
-  the stack (XLA:CPU copies them, ~45% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
+  the stack (XLA:CPU copies them, ~40% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
   """
   model = Llama(config)
   x = model.apply({"params": params}, tokens, method=Llama.embed)
