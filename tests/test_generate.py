@@ -60,14 +60,12 @@ def test_shared_prefix_length_rounds_down_and_leaves_each_row_a_token():
   assert generate_lib.shared_prefix_length(PROMPTS) == 0
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
 @pytest.mark.parametrize("prompts", [PROMPTS, PREFIXED_PROMPTS], ids=["different", "shared_prefix"])
-def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, backend, prompts, monkeypatch):
-  # "gpu": the jit every non-CPU backend gets (stacked layers and cache, default options), compiled for the CPU.
-  jitted = generate_lib._jitted_decode_batch(backend)
-  monkeypatch.setattr(generate_lib, "_jitted_decode_batch", lambda _: jitted)
+def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prompts):
   config, params = tiny_model
-  got = generate_lib.generate(params, config, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4)
+  got = generate_lib.generate(params, config, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
+                              unstack_layers_on_cpu=unstack)
   for prompt, new in zip(prompts, got):
     assert new == greedy_by_full_forwards(config, params, prompt, MAX_NEW)
 
