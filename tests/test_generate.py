@@ -48,7 +48,7 @@ def greedy_by_full_forwards(config, params, prompt, max_new, stop_ids=()):
   return new
 
 
-# Three rows sharing a 19-token prefix (16 of it computed once) and one row that is only longer, plus padding rows.
+# Three rows with a common 17-token prefix (16 of it computed once); batch_size=4 pads them with a fourth row.
 SHARED = list(range(100, 119))
 PREFIXED_PROMPTS = [SHARED + [7], SHARED + [8, 9, 10], SHARED[:17] + [3] * 5]
 

@@ -150,14 +150,15 @@ def _packed_loss(params, config, tokens, positions, segment_ids):
   return jnp.sum(jnp.where(segment_ids != 0, logp, 0.0)) / jnp.sum(segment_ids != 0)
 
 
-@pytest.mark.parametrize("query_block", [4, 5])
-def test_blockwise_causal_attention_equals_one_call_on_packed_padded_rows(tiny, query_block):
+@pytest.mark.parametrize("overrides", [{"attention_query_block": 4}, {"attention_query_block": 5},
+                                       {"flatten_matmul_tokens": True}], ids=["block4", "block5", "flat_matmuls"])
+def test_cpu_reformulations_equal_the_plain_model_on_packed_padded_rows(tiny, overrides):
   config, params = tiny
   # Two rows of 11 slots: three packed segments, and one segment followed by padding (segment id 0).
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3], [1] * 7 + [0] * 4], jnp.int32)
   positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2], list(range(11))], jnp.int32)
   tokens = _tokens(9, (2, 11))
-  blockwise = dataclasses.replace(config, attention_query_block=query_block)
+  blockwise = dataclasses.replace(config, **overrides)
   grad_fn = jax.jit(jax.value_and_grad(_packed_loss), static_argnums=1)
   value, grads = grad_fn(params, config, tokens, positions, segment_ids)
   block_value, block_grads = grad_fn(params, blockwise, tokens, positions, segment_ids)
