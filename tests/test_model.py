@@ -215,3 +215,9 @@ def test_rope_frequencies_match_transformers(preset):
     expected, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
     assert attention_scaling == 1.0
   np.testing.assert_allclose(llama.rope_inverse_frequencies(config), expected.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 64.0])
+def test_bad_attention_query_block_is_rejected_naming_the_field(bad):
+  with pytest.raises(ValueError, match="attention_query_block"):
+    config_lib.tiny(attention_query_block=bad)

@@ -56,8 +56,8 @@ class LlamaConfig:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat_policy not in ("none", "full", "dots"):
       raise ValueError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
-    if self.attention_query_block < 0:
-      raise ValueError(f"attention_query_block must be >= 0, got {self.attention_query_block}")
+    if not isinstance(self.attention_query_block, int) or self.attention_query_block < 0:
+      raise ValueError(f"attention_query_block must be an int >= 0 (0 = off), got {self.attention_query_block!r}")
 
   @property
   def num_params(self) -> int:
