@@ -161,7 +161,7 @@ def _broadcast_rows(cache: dict, batch: int) -> dict:
   """A batch-1 cache (stacked or per-layer) repeated for `batch` rows."""
   def rows(x, axis):
     return jnp.broadcast_to(x, x.shape[:axis] + (batch,) + x.shape[axis + 1:])
-  kv_axis = 0 if isinstance(cache["k"], list) else 1  # per-layer [B, S, Kh, D] or stacked [L, B, S, Kh, D]
+  kv_axis = 0 if isinstance(cache["k"], list) else 1  # per-layer [B, Kh, S, D] or stacked [L, B, Kh, S, D]
   return {"k": jax.tree.map(lambda x: rows(x, kv_axis), cache["k"]),
           "v": jax.tree.map(lambda x: rows(x, kv_axis), cache["v"]),
           "segment_ids": rows(cache["segment_ids"], 0), "index": cache["index"]}

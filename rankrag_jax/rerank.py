@@ -64,15 +64,13 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
   model = Llama(config)
   batch, suffix_len = tokens.shape
 
-  def widen(x, fill_dtype):  # [1, P, ...] -> [B, P + T, ...]: the prefix for every row, then empty slots.
-    x = jnp.broadcast_to(x, (batch,) + x.shape[1:])
-    empty = jnp.zeros((batch, suffix_len) + x.shape[2:], fill_dtype)
-    return jnp.concatenate([x, empty], axis=1)
+  def widen(x, batch_axis, slot_axis):  # the prefix (batch 1, P slots) for every row, then T empty slots.
+    x = jnp.broadcast_to(x, x.shape[:batch_axis] + (batch,) + x.shape[batch_axis + 1:])
+    empty = jnp.zeros(x.shape[:slot_axis] + (suffix_len,) + x.shape[slot_axis + 1:], x.dtype)
+    return jnp.concatenate([x, empty], axis=slot_axis)
 
-  cache = {"k": jax.vmap(widen, in_axes=(0, None))(prefix_cache["k"], prefix_cache["k"].dtype),
-           "v": jax.vmap(widen, in_axes=(0, None))(prefix_cache["v"], prefix_cache["v"].dtype),
-           "segment_ids": widen(prefix_cache["segment_ids"], jnp.int32),
-           "index": prefix_cache["index"]}
+  cache = {"k": widen(prefix_cache["k"], 1, 3), "v": widen(prefix_cache["v"], 1, 3),  # [L, B, Kh, S, D]
+           "segment_ids": widen(prefix_cache["segment_ids"], 0, 1), "index": prefix_cache["index"]}
   slots = jnp.arange(suffix_len)
   positions = jnp.broadcast_to(prefix_length + slots, (batch, suffix_len))
   segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)

@@ -10,6 +10,7 @@ import pytest
 
 from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import llama
+from rankrag_jax.model import ops
 
 ATOL = 1e-5
 
@@ -167,6 +168,17 @@ def test_cpu_reformulations_equal_the_plain_model_on_packed_padded_rows(tiny, ov
                              _forward(config, params, tokens, positions, segment_ids)[real], atol=ATOL)
   np.testing.assert_allclose(block_value, value, atol=ATOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), block_grads, grads)
+
+
+@pytest.mark.parametrize("queries", [1, 5], ids=["decode_step", "prefill"])
+def test_cached_attention_equals_dot_product_attention_on_the_usual_layout(queries):
+  # GQA (6 query heads over 2 kv heads), a mask with holes; the cache is heads-major [B, Kh, S, D].
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(3, queries, 6, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(3, 2, 11, 8)), jnp.float32) for _ in range(2))
+  mask = jnp.asarray(rng.random((3, 1, queries, 11)) < 0.7).at[..., 0].set(True)
+  expected = jax.nn.dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask)
+  np.testing.assert_allclose(ops.cached_attention(q, k, v, mask), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])

@@ -5,8 +5,9 @@ training rows, padded batches and KV-cache decoding are the same code: a query a
 carry the same non-zero segment id and the key's slot is not after the query's slot.
 
 The KV cache is an explicit pytree (see `init_cache`) passed in and returned, never hidden module state:
-    cache = {"k": [L, B, S, Kh, D], "v": [L, B, S, Kh, D], "segment_ids": [B, S], "index": int32[]}
-`index` is the slot where the next call's first token is written.
+    cache = {"k": [L, B, Kh, S, D], "v": [L, B, Kh, S, D], "segment_ids": [B, S], "index": int32[]}
+`index` is the slot where the next call's first token is written. Heads-major (each row's and kv head's keys one
+contiguous [S, D] matrix): see `ops.cached_attention`.
 """
 
 import functools
@@ -120,15 +121,15 @@ class Attention(nn.Module):
                                                                axes.ACT_HEAD_DIM))
     new_cache = None
     if kv_cache is not None:
-      # Write this call's keys/values at [index, index + T) and attend over the whole cache.
-      k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["k"], k.astype(kv_cache["k"].dtype), cache_index, 1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache["v"], v.astype(kv_cache["v"].dtype), cache_index, 1)
+      # Write this call's keys/values at slots [index, index + T) of the heads-major cache, attend over all of it.
+      write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
+          cache, jnp.swapaxes(x, 1, 2).astype(cache.dtype), cache_index, 2)
+      k_all, v_all = write(kv_cache["k"], k), write(kv_cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
-      k, v = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
-    # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
-    if kv_cache is None and 0 < cfg.attention_query_block < q.shape[1]:
+      out = ops.cached_attention(q, k_all.astype(cfg.dtype), v_all.astype(cfg.dtype), mask)
+    elif 0 < cfg.attention_query_block < q.shape[1]:
       out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
-    else:
+    else:  # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM))
     out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init((axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
@@ -254,8 +255,8 @@ class Llama(nn.Module):
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None, per_layer: bool = False) -> dict:
   """An empty KV cache (all slots padding) for `max_length` tokens; with per_layer, "k" and "v" are lists of
-  L arrays [B, S, Kh, D] (for `unstacked_hidden_states`)."""
-  shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+  L arrays [B, Kh, S, D] (for `unstacked_hidden_states`)."""
+  shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
   dtype = dtype or config.dtype
   if per_layer:
     k, v = ([jnp.zeros(shape[1:], dtype) for _ in range(config.num_layers)] for _ in range(2))
@@ -300,7 +301,7 @@ def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict
 
 def cache_logical_axes() -> dict:
   """Logical axis names of `init_cache`'s leaves, for sharding a cache like the activations."""
-  kv = (axes.LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.ACT_KV_HEADS, axes.ACT_HEAD_DIM)
+  kv = (axes.LAYERS, axes.CACHE_BATCH, axes.ACT_KV_HEADS, axes.CACHE_LENGTH, axes.ACT_HEAD_DIM)
   return {"k": kv, "v": kv, "segment_ids": (axes.CACHE_BATCH, axes.CACHE_LENGTH), "index": ()}
 
 
