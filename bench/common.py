@@ -55,6 +55,23 @@ def matmul_flops_probe(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / median(times)
 
 
+def memory_read_probe(mib: int = 512, repeats: int = 5) -> float:
+  """Measured bytes/s of a jitted sum over a `mib` MiB f32 array: the ceiling for a decode step, which reads
+  every weight (and its KV cache) once."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((mib * 2 ** 18,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  times = time_repeats(lambda: f(x).block_until_ready(), repeats, warmup=2)
+  return x.nbytes / median(times)
+
+
+def ceiling_ratio(ref_seconds: float, lower_bound_seconds: float) -> float:
+  """The ratio ours/reference would reach if ours ran at the probes' limits (its executed work at 100% of the
+  matmul probe, and of the memory probe where a step is bound by reading weights): what a target is held to."""
+  return ref_seconds / lower_bound_seconds
+
+
 def run_side(script: str, side: str, args: list[str]) -> dict:
   """Runs `python script --side=SIDE ARGS` and returns the JSON dict it prints on its last line."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")

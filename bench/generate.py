@@ -56,6 +56,21 @@ def generation_flops(config, sequences, new_tokens: int, shared_prefix: int = 0)
   return flops
 
 
+def generation_lower_bound(config, sequences, new_tokens: int, shared_prefix: int, flops_per_s: float,
+                           bytes_per_s: float) -> float:
+  """Seconds our generate would take at the probes' limits: the prefill's executed FLOPs at `flops_per_s`, then
+  each decode step at the slower of its FLOPs and its reads (every f32 weight once, each row's KV cache) at
+  `bytes_per_s`."""
+  prefill = generation_flops(config, sequences, 1, shared_prefix)
+  kv_bytes_per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
+  seconds = prefill / flops_per_s
+  for step in range(1, new_tokens):
+    step_flops = (generation_flops(config, sequences, step + 1) - generation_flops(config, sequences, step))
+    step_bytes = 4 * config.num_params + kv_bytes_per_slot * sum(len(s) + step for s in sequences)
+    seconds += max(step_flops / flops_per_s, step_bytes / bytes_per_s)
+  return seconds
+
+
 def side_ours(args) -> dict:
   import jax
   from rankrag_jax import generate
@@ -69,13 +84,16 @@ def side_ours(args) -> dict:
   prefill = lambda: generate.generate(params, config, sequences, 1, stop_ids=[], batch_size=args.batch)
   prefill()
   probe = common.matmul_flops_probe()
+  bandwidth = common.memory_read_probe()
   load = common.machine_load()
   times = common.time_repeats(run, args.repeats, warmup=0)
   prefill_times = common.time_repeats(prefill, args.repeats, warmup=0)
   shared = generate.shared_prefix_length(sequences, multiple=16) if len(sequences) <= args.batch else 0
   return {"seconds": times, "prefill_seconds": prefill_times, "probe_flops": probe, "load": load,
           "tokens": out, "flops": generation_flops(config, sequences, args.new_tokens),
-          "executed_flops": generation_flops(config, sequences, args.new_tokens, shared), "shared_prefix": shared}
+          "executed_flops": generation_flops(config, sequences, args.new_tokens, shared), "shared_prefix": shared,
+          "bandwidth": bandwidth, "lower_bound_seconds": generation_lower_bound(
+              config, sequences, args.new_tokens, shared, probe, bandwidth)}
 
 
 def side_ref(args) -> dict:
@@ -138,6 +156,8 @@ def main():
       "probe_gflops": probe / 1e9, "ours_mfu": runs["ours"][0]["executed_flops"] / ours_s / probe,
       "ours_mfu_full_prompts": runs["ours"][0]["flops"] / ours_s / probe,
       "ref_mfu": runs["ours"][0]["flops"] / ref_s / probe, "ours_shared_prefix": runs["ours"][0]["shared_prefix"],
+      "read_probe_gb_per_s": common.median([res["bandwidth"] for res in runs["ours"]]) / 1e9,
+      "ceiling_ratio": common.ceiling_ratio(ref_s, common.median([res["lower_bound_seconds"] for res in runs["ours"]])),
       "greedy_token_agreement": agree, "first_divergence_per_row": first_diff,
       "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
       "ref_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ref"]),
@@ -148,7 +168,8 @@ def main():
   print(f"probe {probe / 1e9:.1f} GFLOP/s; MFU ours {summary['ours_mfu']:.1%} (executed FLOPs; shared prefix "
         f"{summary['ours_shared_prefix']} tokens computed once), {summary['ours_mfu_full_prompts']:.1%} (full-prompt "
         f"equivalent), ref {summary['ref_mfu']:.1%}; "
-        f"greedy agreement {agree:.1%}; peak RSS ours {summary['ours_peak_rss_mib']} MiB, ref "
+        f"read probe {summary['read_probe_gb_per_s']:.1f} GB/s; ceiling: at the probes' limits ours would be "
+        f"{summary['ceiling_ratio']:.2f}x; greedy agreement {agree:.1%}; peak RSS ours {summary['ours_peak_rss_mib']} MiB, ref "
         f"{summary['ref_peak_rss_mib']} MiB")
   print(json.dumps(summary))
 

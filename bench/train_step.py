@@ -228,6 +228,7 @@ def main():
       "ours_tokens_per_s": tokens / ours_s, "ref_tokens_per_s": tokens / ref_s, "ratio": ref_s / ours_s,
       "ours_step_s": ours_s, "ref_step_s": ref_s, "probe_gflops": probe / 1e9,
       "ours_mfu": mfu("ours"), "ref_mfu": mfu("ref"),
+      "ceiling_ratio": common.ceiling_ratio(ref_s, sum(flops) / len(flops) / probe),
       "losses_ours": runs["ours"][0]["losses"], "losses_ref": runs["ref"][0]["losses"],
       "max_abs_loss_diff": loss_diff,
       "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
@@ -236,6 +237,7 @@ def main():
   print(f"ours {summary['ours_tokens_per_s']:.0f} tokens/s ({ours_s:.2f}s/step), transformers "
         f"{summary['ref_tokens_per_s']:.0f} ({ref_s:.2f}s/step); ratio {summary['ratio']:.2f}x")
   print(f"probe {probe / 1e9:.1f} GFLOP/s; MFU ours {summary['ours_mfu']:.1%}, ref {summary['ref_mfu']:.1%}; "
+        f"ceiling: at 100% of the probe ours would be {summary['ceiling_ratio']:.2f}x; "
         f"losses agree to {loss_diff:.1e} over {len(runs['ours'][0]['losses'])} steps; peak RSS ours "
         f"{summary['ours_peak_rss_mib']} MiB, ref {summary['ref_peak_rss_mib']} MiB")
   print(json.dumps(summary))

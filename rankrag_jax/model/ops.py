@@ -10,26 +10,6 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def causal_blockwise_attention(q: Array, k: Array, v: Array, mask: Array, query_block: int) -> Array:
-  """Attention under a cache-free causal mask [B, 1, T, T], one query block at a time.
-
-  Block [i, i + n) only meets keys [0, i + n): every later key is masked anyway, so the result is exact while
-  the upper triangle's scores, softmax and their gradients (~45% of them at 8 blocks) are never computed.
-  q: [B, T, H, D]; k, v: [B, T, Kh, D] (GQA: H is a multiple of Kh).
-  """
-  t = q.shape[1]
-  # Split (not slice) q, k and v: the gradients of split and concatenate are each other, where slicing's
-  # gradient would pad every block to full length and add them up.
-  bounds = list(range(query_block, t, query_block))
-  q_blocks, k_blocks, v_blocks = (jnp.split(x, bounds, axis=1) for x in (q, k, v))
-  outputs = []
-  for i, q_block in enumerate(q_blocks):
-    start, end = i * query_block, min((i + 1) * query_block, t)
-    keys, values = jnp.concatenate(k_blocks[:i + 1], axis=1), jnp.concatenate(v_blocks[:i + 1], axis=1)
-    outputs.append(jax.nn.dot_product_attention(q_block, keys, values, mask=mask[:, :, start:end, :end]))
-  return jnp.concatenate(outputs, axis=1)
-
-
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Attention of queries q [B, T, H, D] over a heads-major KV cache k, v [B, Kh, S, D] under mask [B, 1, T, S]
   (GQA: H is a multiple of Kh). Computes what `jax.nn.dot_product_attention` does on [B, S, Kh, D] keys.
@@ -56,6 +36,29 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
   return out.reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def causal_blockwise_attention(q: Array, k: Array, v: Array, mask: Array, query_block: int) -> Array:
+  """Attention under a cache-free causal mask [B, 1, T, T], one query block at a time.
+
+  Block [i, i + n) only meets keys [0, i + n): every later key is masked anyway, so the result is exact while
+  the upper triangle's scores, softmax and their gradients (~45% of them at 8 blocks) are never computed.
+  q: [B, T, H, D]; k, v: [B, T, Kh, D] (GQA: H is a multiple of Kh). Keys and values are made heads-major once,
+  so each block runs `cached_attention`'s plain batched products (forward + backward 80 -> 65 ms per layer at
+  4 x 512 tokens on XLA:CPU).
+  """
+  t = q.shape[1]
+  # Split (not slice) q, k and v: the gradients of split and concatenate are each other, where slicing's
+  # gradient would pad every block to full length and add them up.
+  bounds = list(range(query_block, t, query_block))
+  q_blocks = jnp.split(q, bounds, axis=1)
+  k_blocks, v_blocks = (jnp.split(jnp.swapaxes(x, 1, 2), bounds, axis=2) for x in (k, v))
+  outputs = []
+  for i, q_block in enumerate(q_blocks):
+    start, end = i * query_block, min((i + 1) * query_block, t)
+    keys, values = jnp.concatenate(k_blocks[:i + 1], axis=2), jnp.concatenate(v_blocks[:i + 1], axis=2)
+    outputs.append(cached_attention(q_block, keys, values, mask[:, :, start:end, :end]))
+  return jnp.concatenate(outputs, axis=1)
 
 
 def token_flattened_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
