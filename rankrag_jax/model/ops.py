@@ -16,7 +16,7 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
   Why heads-major: each (row, kv head) then multiplies one contiguous [S, D] key matrix; a kv head's G query heads
   x T queries form one [G * T, D] matrix. On XLA:CPU, the usual [B, S, Kh, D] cache made these batched products
-  strided (decode step 71 -> 63 ms, prefill 2.98 -> 2.78 s for SmolLM2 at batch 8; bench/README.md).
+  strided (decode step ~73 -> ~64 ms, prefill ~3.05 -> ~2.82 s for SmolLM2 at batch 8; bench/README.md).
   """
   b, t, h, d = q.shape
   kv_heads, s = k.shape[1], k.shape[2]
