@@ -12,7 +12,8 @@ Either way: restarting positions, segment ids (0 = padding), loss weights on the
 
   ours: `training.step.jit_train_step` (jit with NamedShardings on a 1-device mesh under the default logical rules,
         state donated; AdamW b1 0.9 b2 0.98 wd 0.1, clip 1.0; answer positions gathered, K = --max_loss_positions,
-        before the LM head), params from `load_model` on the exported HF directory;
+        before the LM head; cpu.gin's 'dots' remat and CPU forms), params from `load_model` on the exported HF
+        directory;
   reference: `LlamaForCausalLM` from that directory (f32, sdpa, 2 threads), a 4-D boolean mask for the packed
         segments (same segment, causal), the same position ids, hidden states of the answer positions through
         `lm_head`, summed weighted cross-entropy / weight sum, `clip_grad_norm_(1.0)`, torch AdamW (same betas, eps,
@@ -196,7 +197,8 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=512)
   parser.add_argument("--max_loss_positions", type=int, default=192)
-  parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+  parser.add_argument("--remat", default="dots", choices=("none", "full", "dots"),
+                      help="ours: rematerialisation policy (cpu.gin's 'dots': also the fastest here, see README)")
   parser.add_argument("--unroll", type=int, default=0, help="unrolled layers instead of nn.scan (ours)")
   parser.add_argument("--attention_query_block", type=int, default=64,
                       help="ours: causal attention one query block at a time (cpu.gin's value); 0 = one call")
