@@ -78,17 +78,20 @@ def side_ours(args) -> dict:
   sequences = json.loads(pathlib.Path(args.data).read_text())["sequences"]
   config, params, _ = load_model(args.hf_dir)
   params = jax.device_put(params)
-  run = lambda: generate.generate(params, config, sequences, args.new_tokens, stop_ids=[], batch_size=args.batch)
+  layers = generate.decode_layers(params)  # made once at load, as rag.load_rag_model does
+  run = lambda: generate.generate(params, config, sequences, args.new_tokens, stop_ids=[], batch_size=args.batch,
+                                  layers=layers)
   out = run()  # compiles
   # Prefill alone: the same jitted decode with a budget of one new token (prefill + first LM head).
-  prefill = lambda: generate.generate(params, config, sequences, 1, stop_ids=[], batch_size=args.batch)
+  prefill = lambda: generate.generate(params, config, sequences, 1, stop_ids=[], batch_size=args.batch,
+                                      layers=layers)
   prefill()
   probe = common.matmul_flops_probe()
   bandwidth = common.memory_read_probe()
   load = common.machine_load()
   times = common.time_repeats(run, args.repeats, warmup=0)
   prefill_times = common.time_repeats(prefill, args.repeats, warmup=0)
-  shared = generate.shared_prefix_length(sequences, multiple=16) if len(sequences) <= args.batch else 0
+  shared = generate.shared_prefix_length(sequences, generate.PREFIX_MULTIPLE) if len(sequences) <= args.batch else 0
   return {"seconds": times, "prefill_seconds": prefill_times, "probe_flops": probe, "load": load,
           "tokens": out, "flops": generation_flops(config, sequences, args.new_tokens),
           "executed_flops": generation_flops(config, sequences, args.new_tokens, shared), "shared_prefix": shared,

@@ -29,6 +29,9 @@ from rankrag_jax.model.llama import Llama
 
 Array = jax.Array
 
+# A batch's shared prompt prefix is rounded down to a multiple of this: few compiled shapes across batches.
+PREFIX_MULTIPLE = 8
+
 
 @gin.configurable
 def max_new_tokens_for_task(task: str, open_domain_qa: int = 32, conversational_qa: int = 128,
@@ -92,13 +95,16 @@ def _next_tokens(logits: Array, row_keys: Array, step: Array, temperature: Array
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
-def decode_batch(params: dict, config: LlamaConfig, tokens: Array, lengths: Array, stop_ids: Array,
-                 row_keys: Array, temperature: Array, top_p: Array, *, max_new_tokens: int,
-                 sample: bool = False, prefix_length: int = 0, unstack_layers: bool = False) -> tuple[Array, Array]:
+def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, tokens: Array, lengths: Array,
+                 stop_ids: Array, row_keys: Array, temperature: Array, top_p: Array, *, max_new_tokens: int,
+                 sample: bool = False, prefix_length: int = 0) -> tuple[Array, Array]:
   """Generates up to `max_new_tokens` tokens for each right-padded prompt row.
 
   Args:
     params: model parameters.
+    layers: None to step the stacked layers of `params`, or per-layer copies of their weights
+      (`decode_layers(params)`) to run the layers from, with a per-layer cache. On XLA:CPU, stepping the stacked
+      layers copies every layer's weights out of the stack at each step (~40% of a batch-8 SmolLM2 step).
     config: the model's config (static).
     tokens: int32 [B, T] prompts, right-padded (pad ids are ignored).
     lengths: int32 [B] real prompt lengths (>= 1).
@@ -108,9 +114,6 @@ def decode_batch(params: dict, config: LlamaConfig, tokens: Array, lengths: Arra
     max_new_tokens: the decode budget (static: sizes the KV cache and the output).
     sample: False for greedy (argmax), True for temperature / top-p sampling.
     prefix_length: how many leading tokens all rows share, computed once (static; < every row's length).
-    unstack_layers: run the layers from per-layer copies of their weights and a per-layer cache (static). On
-      XLA:CPU, stepping the stacked layers copies every layer's weights out of the stack at each step (~40% of
-      a batch-8 SmolLM2 step); the copies cost one more set of layer weights in memory.
 
   Returns:
     (new_tokens int32 [B, max_new_tokens], num_new int32 [B]); entries past num_new are 0.
@@ -120,8 +123,8 @@ def decode_batch(params: dict, config: LlamaConfig, tokens: Array, lengths: Arra
   slots = jnp.arange(prompt_len)
   positions = jnp.broadcast_to(slots, (batch, prompt_len))
   segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
-  if unstack_layers:  # once, outside the loop: each step then reads every layer's weights and cache in place.
-    layers = llama.unstack_layers(params)
+  unstack_layers = layers is not None
+  if unstack_layers:  # each step reads every layer's weights and cache in place.
     forward = functools.partial(llama.unstacked_hidden_states, config, params, layers)
   else:
     forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
@@ -136,24 +139,24 @@ def decode_batch(params: dict, config: LlamaConfig, tokens: Array, lengths: Arra
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1 - p)[:, None, None], axis=1)[:, 0]
   logits = model.apply({"params": params}, last_hidden, method=Llama.logits_from_hidden)
 
-  def keep_going(state):
-    step, _, _, done, _, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
-
-  def one_step(state):
+  def emit(state):  # picks each running row's next token from `logits`; a row is done once it emits a stop id.
     step, cache, logits, done, new_tokens, num_new = state
-    token = _next_tokens(logits, row_keys, step, temperature, top_p, sample)
-    token = jnp.where(done, 0, token)
-    new_tokens = new_tokens.at[:, step].set(token)
-    num_new = num_new + (~done).astype(jnp.int32)
-    done = done | jnp.isin(token, stop_ids)
-    hidden, cache = forward(token[:, None], (lengths + step)[:, None], jnp.ones((batch, 1), jnp.int32), cache)
-    logits = model.apply({"params": params}, hidden[:, 0], method=Llama.logits_from_hidden)
-    return step + 1, cache, logits, done, new_tokens, num_new
+    token = jnp.where(done, 0, _next_tokens(logits, row_keys, step, temperature, top_p, sample))
+    return (step + 1, cache, logits, done | jnp.isin(token, stop_ids), new_tokens.at[:, step].set(token),
+            num_new + (~done).astype(jnp.int32)), token
 
+  def emit_and_step(state):
+    (step, cache, _, done, new_tokens, num_new), token = emit(state)
+    hidden, cache = forward(token[:, None], (lengths + step - 1)[:, None], jnp.ones((batch, 1), jnp.int32), cache)
+    logits = model.apply({"params": params}, hidden[:, 0], method=Llama.logits_from_hidden)
+    return step, cache, logits, done, new_tokens, num_new
+
+  # The last token needs no forward pass: the loop stops one token early and `emit` picks it from the last logits
+  # (a no-op for rows already done).
   state = (jnp.zeros((), jnp.int32), cache, logits, jnp.zeros((batch,), bool),
            jnp.zeros((batch, max_new_tokens), jnp.int32), jnp.zeros((batch,), jnp.int32))
-  _, _, _, _, new_tokens, num_new = jax.lax.while_loop(keep_going, one_step, state)
+  state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & ~jnp.all(s[3]), emit_and_step, state)
+  (_, _, _, _, new_tokens, num_new), _ = emit(state)
   return new_tokens, num_new
 
 
@@ -179,18 +182,34 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], multiple: int = 1) 
 
 
 @functools.cache
-def _jitted_decode_batch(backend: str, unstack_layers: bool):
+def _jitted_decode_batch(backend: str):
   """decode_batch jitted for `backend`; on CPU with `inference_compiler_options`."""
-  return jax.jit(functools.partial(decode_batch, unstack_layers=unstack_layers),
-                 static_argnames=("config", "max_new_tokens", "sample", "prefix_length"),
+  return jax.jit(decode_batch, static_argnames=("config", "max_new_tokens", "sample", "prefix_length"),
                  compiler_options=ops.inference_compiler_options(backend))
+
+
+@gin.configurable(denylist=["params"])
+def decode_layers(params: dict, unstack_layers_on_cpu: bool = True) -> list[dict] | None:
+  """The layer weights `generate` decodes from: on the CPU backend, per-layer copies (`llama.unstack_layers`),
+  which make decode steps ~2x faster for one more copy of the layer weights in memory; None (the stacked layers
+  of `params`) on other backends or with unstack_layers_on_cpu=False (for a model near the host's memory).
+
+  A caller that generates many times from the same params makes them once (`rag.load_rag_model` does) and passes
+  them as `generate(..., layers=...)`; copying SmolLM2's layers takes ~0.2 s.
+  """
+  if not unstack_layers_on_cpu or jax.default_backend() != "cpu":
+    return None
+  return _jitted_unstack_layers(params)
+
+
+_jitted_unstack_layers = jax.jit(llama.unstack_layers)
 
 
 @gin.configurable(denylist=["params", "config", "prompts", "max_new_tokens", "stop_ids"])
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              stop_ids: Sequence[int], temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 8, mesh: Mesh | None = None, keep_stop_token: bool = False,
-             unstack_layers_on_cpu: bool = True) -> list[list[int]]:
+             layers: list[dict] | None | str = "auto") -> list[list[int]]:
   """Continues each prompt (token ids) and returns its new token ids, in the order of `prompts`.
 
   Args:
@@ -204,9 +223,8 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     batch_size: rows per compiled batch (prompts are grouped by length bucket; short batches are padded).
     mesh: when given with >1 data-parallel device, batches are split over its data axes.
     keep_stop_token: whether the returned ids end with the stop id that ended the row.
-    unstack_layers_on_cpu: on the CPU backend, decode from per-layer copies of the weights (`decode_batch`):
-      ~2x faster steps, for one more copy of the layer weights in memory while generating. Turn it off for a
-      model near the host's memory. Other backends always step the stacked layers.
+    layers: the layer weights to decode from, as `decode_layers(params)` makes them once for many calls; None
+      steps the stacked layers of `params`; "auto" calls `decode_layers(params)` (once per call).
 
   Returns:
     One list of new token ids per prompt.
@@ -215,8 +233,14 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     return []
   if any(len(p) == 0 for p in prompts):
     raise ValueError("generate: every prompt needs at least one token")
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+  if isinstance(layers, str):
+    if layers != "auto":
+      raise ValueError(f"generate: layers must be a list of per-layer weights, None or 'auto', got {layers!r}")
+    layers = decode_layers(params)
   rows_per_batch = -(-batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
   stop = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
   base_key = jax.random.key(seed)
@@ -224,7 +248,10 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
   results: list[list[int]] = [[] for _ in prompts]
   for start in range(0, len(order), rows_per_batch):
     rows = order[start:start + rows_per_batch]
-    bucket = length_bucket(max(len(prompts[i]) for i in rows))
+    # RAG prompts of one batch share their system turn and instruction: it is computed once, and only the rest
+    # of each prompt is padded (to a length bucket).
+    prefix_length = shared_prefix_length([prompts[i] for i in rows], PREFIX_MULTIPLE)
+    bucket = prefix_length + length_bucket(max(len(prompts[i]) for i in rows) - prefix_length)
     # A short (last) batch is padded to a power of two, not to batch_size: few shapes, little wasted compute.
     padded_rows = min(rows_per_batch, 1 << (len(rows) - 1).bit_length())
     padded_rows = -(-padded_rows // data_parallel_size(mesh)) * data_parallel_size(mesh)
@@ -234,14 +261,11 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     for r, i in enumerate(rows + [rows[0]] * (padded_rows - len(rows))):
       tokens[r, :len(prompts[i])] = prompts[i]
       lengths[r] = len(prompts[i])
-    # RAG prompts of one batch share their system turn and instruction: it is computed once.
-    prefix_length = shared_prefix_length([prompts[i] for i in rows], multiple=16)
     row_ids = np.asarray(rows + [0] * (padded_rows - len(rows)), np.uint32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
     tokens, lengths, row_keys = shard_batch((tokens, lengths, row_keys), mesh)
-    backend = jax.default_backend()
-    decode = _jitted_decode_batch(backend, unstack_layers_on_cpu and backend == "cpu")
-    new_tokens, num_new = decode(params, config, tokens, lengths, stop, row_keys,
+    decode = _jitted_decode_batch(jax.default_backend())
+    new_tokens, num_new = decode(params, layers, config, tokens, lengths, stop, row_keys,
                                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                                  max_new_tokens=max_new_tokens, sample=temperature > 0, prefix_length=prefix_length)
     new_tokens, num_new = np.asarray(new_tokens), np.asarray(num_new)

@@ -65,9 +65,17 @@ def test_shared_prefix_length_rounds_down_and_leaves_each_row_a_token():
 def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prompts):
   config, params = tiny_model
   got = generate_lib.generate(params, config, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
-                              unstack_layers_on_cpu=unstack)
+                              layers=generate_lib.decode_layers(params) if unstack else None)
   for prompt, new in zip(prompts, got):
     assert new == greedy_by_full_forwards(config, params, prompt, MAX_NEW)
+
+
+@pytest.mark.parametrize("max_new", [1, 2])
+def test_short_budgets_equal_repeated_full_forwards(tiny_model, max_new):
+  # The decode loop stops one token early and picks the last token from the last logits without a forward pass.
+  config, params = tiny_model
+  got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=max_new, stop_ids=[], batch_size=4)
+  assert got == [greedy_by_full_forwards(config, params, prompt, max_new) for prompt in PREFIXED_PROMPTS]
 
 
 def test_rows_stop_at_their_stop_token_and_others_continue(tiny_model):
@@ -131,4 +139,8 @@ def test_bad_generation_inputs_are_rejected(tiny_model):
     generate_lib.generate(params, config, [[1], []], max_new_tokens=4, stop_ids=[])
   with pytest.raises(ValueError, match="top_p"):
     generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], top_p=0.0)
+  with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+    generate_lib.generate(params, config, [[1]], max_new_tokens=0, stop_ids=[])
+  with pytest.raises(ValueError, match="layers must be"):
+    generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], layers="stacked")
   assert generate_lib.generate(params, config, [], max_new_tokens=4, stop_ids=[]) == []
