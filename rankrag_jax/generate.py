@@ -1,6 +1,7 @@
 """Batched KV-cache decoding, jitted end to end: prefill once, then a `lax.while_loop` of one-token steps.
 
-Prompts of different lengths share one batch: they are right-padded to a length bucket, every row gets its own
+Prompts of different lengths share one batch: the tokens all of them start with (a RAG prompt's system turn and
+instruction) run once, the rest of each prompt is right-padded to a length bucket, every row gets its own
 positions, and pad slots carry segment id 0 so no query ever attends to them. New tokens are written after the
 bucket (slot `T + step`) while their RoPE position continues the row's own prompt (`length + step`), so a row's
 attention sees exactly its prompt and its own generated tokens, as an unpadded forward pass would.
