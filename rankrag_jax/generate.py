@@ -132,11 +132,14 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   p = prefix_length
   if p:  # the rows' common prefix runs once (batch 1); its keys/values are then every row's first slots.
     cache = llama.init_cache(config, 1, prompt_len + max_new_tokens, per_layer=unstack_layers)
+    cache["index"] = 0  # static during the prefill: it attends block by block (ops.prefill_blockwise_attention)
     _, cache = forward(tokens[:1, :p], positions[:1, :p], segment_ids[:1, :p], cache)
     cache = _broadcast_rows(cache, batch)
   else:
     cache = llama.init_cache(config, batch, prompt_len + max_new_tokens, per_layer=unstack_layers)
+    cache["index"] = 0
   hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache)
+  cache["index"] = jnp.int32(cache["index"])  # the decode loop carries it
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1 - p)[:, None, None], axis=1)[:, 0]
   logits = model.apply({"params": params}, last_hidden, method=Llama.logits_from_hidden)
 

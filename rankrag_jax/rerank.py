@@ -69,8 +69,10 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
     empty = jnp.zeros(x.shape[:slot_axis] + (suffix_len,) + x.shape[slot_axis + 1:], x.dtype)
     return jnp.concatenate([x, empty], axis=slot_axis)
 
+  # The prefix filled all of its P slots, so the suffix starts at slot P: a static index, with which the suffix
+  # attends block by block to the keys up to each block's end (ops.prefill_blockwise_attention).
   cache = {"k": widen(prefix_cache["k"], 1, 3), "v": widen(prefix_cache["v"], 1, 3),  # [L, B, Kh, S, D]
-           "segment_ids": widen(prefix_cache["segment_ids"], 0, 1), "index": prefix_cache["index"]}
+           "segment_ids": widen(prefix_cache["segment_ids"], 0, 1), "index": prefix_cache["segment_ids"].shape[1]}
   slots = jnp.arange(suffix_len)
   positions = jnp.broadcast_to(prefix_length + slots, (batch, suffix_len))
   segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)

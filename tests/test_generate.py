@@ -30,15 +30,15 @@ def _full_forward_logits(params, config, tokens, segment_ids):
   return llama.Llama(config).apply({"params": params}, tokens, segment_ids=segment_ids)
 
 
-def greedy_by_full_forwards(config, params, prompt, max_new, stop_ids=()):
+def greedy_by_full_forwards(config, params, prompt, max_new, stop_ids=(), width=REFERENCE_LENGTH):
   """The reference: re-run the whole sequence without a cache for every new token.
 
   Right padding (segment 0) after the sequence cannot change causal logits at or before its last token.
   """
   sequence, new = list(prompt), []
   for _ in range(max_new):
-    tokens = jnp.zeros((1, REFERENCE_LENGTH), jnp.int32).at[0, :len(sequence)].set(jnp.asarray(sequence))
-    segment_ids = (jnp.arange(REFERENCE_LENGTH) < len(sequence)).astype(jnp.int32)[None]
+    tokens = jnp.zeros((1, width), jnp.int32).at[0, :len(sequence)].set(jnp.asarray(sequence))
+    segment_ids = (jnp.arange(width) < len(sequence)).astype(jnp.int32)[None]
     logits = _full_forward_logits(params, config, tokens, segment_ids)
     token = int(jnp.argmax(logits[0, len(sequence) - 1]))
     new.append(token)
@@ -76,6 +76,16 @@ def test_short_budgets_equal_repeated_full_forwards(tiny_model, max_new):
   config, params = tiny_model
   got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=max_new, stop_ids=[], batch_size=4)
   assert got == [greedy_by_full_forwards(config, params, prompt, max_new) for prompt in PREFIXED_PROMPTS]
+
+
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
+def test_long_prefills_attend_block_by_block_and_equal_full_forwards(tiny_model, unstack):
+  # Suffixes longer than ops.PREFILL_QUERY_BLOCK after a shared prefix: the prefill runs in query blocks.
+  config, params = tiny_model
+  prompts = [SHARED + list(range(1, 120)), SHARED + list(range(30, 100)), SHARED + [7] * 3]
+  got = generate_lib.generate(params, config, prompts, max_new_tokens=3, stop_ids=[], batch_size=4,
+                              layers=generate_lib.decode_layers(params) if unstack else None)
+  assert got == [greedy_by_full_forwards(config, params, prompt, 3, width=160) for prompt in prompts]
 
 
 def test_rows_stop_at_their_stop_token_and_others_continue(tiny_model):

@@ -181,6 +181,23 @@ def test_cached_attention_equals_dot_product_attention_on_the_usual_layout(queri
   np.testing.assert_allclose(ops.cached_attention(q, k, v, mask), expected, atol=1e-6)
 
 
+def test_prefill_blockwise_attention_equals_cached_attention_for_real_queries():
+  # 150 queries after a 16-slot prefix (3 blocks of 64, the last partial), 2 rows of different lengths, GQA, and
+  # a 200-slot cache whose last slots are still empty. Pad queries (segment 0) see no key; their output is unused.
+  rng = np.random.default_rng(1)
+  start, t, slots, lengths = 16, 150, 200, np.array([150, 97])
+  q = jnp.asarray(rng.normal(size=(2, t, 6, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 2, slots, 8)), jnp.float32) for _ in range(2))
+  q_segments = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  kv_segments = np.zeros((2, slots), np.int32)
+  kv_segments[:, :start], kv_segments[:, start:start + t] = 1, q_segments
+  mask = llama.attention_mask(jnp.asarray(q_segments), jnp.asarray(kv_segments), q_offset=start)
+  got = ops.prefill_blockwise_attention(q, k, v, mask, start, query_block=64)
+  expected = ops.cached_attention(q, k, v, mask)
+  real = q_segments.astype(bool)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[real], atol=1e-6)
+
+
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_changes_neither_values_nor_grads(tiny, policy):
   config, params = tiny

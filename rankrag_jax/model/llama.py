@@ -126,7 +126,11 @@ class Attention(nn.Module):
           cache, jnp.swapaxes(x, 1, 2).astype(cache.dtype), cache_index, 2)
       k_all, v_all = write(kv_cache["k"], k), write(kv_cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
-      out = ops.cached_attention(q, k_all.astype(cfg.dtype), v_all.astype(cfg.dtype), mask)
+      k_all, v_all = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
+      if isinstance(cache_index, int) and q.shape[1] > ops.PREFILL_QUERY_BLOCK:  # a prefill at a static slot
+        out = ops.prefill_blockwise_attention(q, k_all, v_all, mask, cache_index, ops.PREFILL_QUERY_BLOCK)
+      else:
+        out = ops.cached_attention(q, k_all, v_all, mask)
     elif 0 < cfg.attention_query_block < q.shape[1]:
       out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
     else:  # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
