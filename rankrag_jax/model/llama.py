@@ -219,7 +219,8 @@ class Llama(nn.Module):
     """Final-norm hidden states [B, T, D] and the updated cache (None without one).
 
     tokens/positions/segment_ids: int [B, T]. Defaults: positions 0..T-1, one segment (no padding).
-    With a cache, tokens are written at slots [cache["index"], cache["index"] + T).
+    With a cache, tokens are written at slots [cache["index"], cache["index"] + T). A Python-int index (static: a
+    prefill) lets the queries attend block by block to the slots up to each block's end only.
     """
     b, t = tokens.shape
     if positions is None:
