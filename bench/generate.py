@@ -7,8 +7,10 @@ Eight RAG generation prompts (the paper's open-domain QA prompt over one passage
 both sides pad) are tokenised once by a `prepare` child. Both sides decode greedily exactly `--new_tokens` tokens per
 row (no stop ids, so neither stops early) in one batch:
 
-  ours: `generate.generate` (one jitted prefill, the batch's common prompt prefix computed once, then a
-        `lax.while_loop` of one-token steps over an explicit per-layer KV cache and unstacked layer weights);
+  ours: `generate.generate` (one jitted prefill, the batch's common prompt prefix computed once and only the rest
+        of each prompt padded, then a `lax.while_loop` of one-token steps over an explicit per-layer KV cache and
+        per-layer weights; those are made once at load by `generate.decode_layers`, as `rag.load_rag_model` does,
+        so the copy is not inside the timed call);
   reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
         with an attention mask (transformers derives the positions from it).
 
