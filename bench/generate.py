@@ -174,7 +174,8 @@ def main():
         f"{summary['ours_shared_prefix']} tokens computed once), {summary['ours_mfu_full_prompts']:.1%} (full-prompt "
         f"equivalent), ref {summary['ref_mfu']:.1%}; "
         f"read probe {summary['read_probe_gb_per_s']:.1f} GB/s; ceiling: at the probes' limits ours would be "
-        f"{summary['ceiling_ratio']:.2f}x; greedy agreement {agree:.1%}; peak RSS ours {summary['ours_peak_rss_mib']} MiB, ref "
+        f"{summary['ceiling_ratio']:.2f}x; greedy agreement {agree:.1%}; peak RSS ours "
+        f"{summary['ours_peak_rss_mib']} MiB, ref "
         f"{summary['ref_peak_rss_mib']} MiB")
   print(json.dumps(summary))
 
