@@ -13,7 +13,10 @@ Either way: restarting positions, segment ids (0 = padding), loss weights on the
   ours: `training.step.jit_train_step` (jit with NamedShardings on a 1-device mesh under the default logical rules,
         state donated; AdamW b1 0.9 b2 0.98 wd 0.1, clip 1.0; answer positions gathered, K = --max_loss_positions,
         before the LM head; cpu.gin's 'dots' remat and CPU forms), params from `load_model` on the exported HF
-        directory;
+        directory; with --shape_bucket=G (default 64) each batch runs at its own shape as `loop.train` picks it
+        (`training/bucketing.py`: rows cut after their last real token, per-token work on the real tokens only,
+        K = the rows' answer tokens, all rounded up to G; every shape compiled before timing, as a long run
+        compiles each once);
   reference: `LlamaForCausalLM` from that directory (f32, sdpa, 2 threads), a 4-D boolean mask for the packed
         segments (same segment, causal), the same position ids, hidden states of the answer positions through
         `lm_head`, summed weighted cross-entropy / weight sum, `clip_grad_norm_(1.0)`, torch AdamW (same betas, eps,
@@ -22,8 +25,9 @@ Either way: restarting positions, segment ids (0 = padding), loss weights on the
 Tokens/s counts every slot of the [batch, seq] step (padding included); MFU uses the matmul FLOPs of the real tokens
 (forward + backward = 3 x forward, segment-causal attention, LM head on answer tokens only) of the timed steps'
 batches against the f32 matmul FLOP/s probed in the same run. The ceiling is the ratio ours would reach running
-the FLOPs it executes (every slot, padding included; attention blocks and remat recomputation as configured; the
-LM head at K positions per row) at 100% of that probe. Step 0 (compilation / warm-up) is not timed.
+the FLOPs it executes (every token slot it computes, padding included; attention blocks and remat recomputation as
+configured; the LM head at K positions per row; per batch, for its shape) at 100% of that probe. Step 0
+(compilation / warm-up) is not timed.
 """
 
 import dataclasses
@@ -78,21 +82,37 @@ def train_flops(config, batch: dict) -> float:
   return 3 * (2 * n_layer_params * float(real.sum()) + attn + head)
 
 
-def executed_train_flops(config, batch: int, seq: int, max_loss_positions: int, query_block: int,
+def executed_train_flops(config, batch: int, length: int, num_tokens: int, loss_positions: int, query_block: int,
                          remat: str) -> float:
-  """Matmul FLOPs our step executes, padding slots included: 3 x 2 N per slot (4 x with full remat), attention
-  over the causal query blocks it computes (forward, its recomputation under any remat, backward = 2 x forward),
-  and the LM head at max_loss_positions positions per row. The ceiling is this at 100% of the probe."""
+  """Matmul FLOPs our step executes on a [batch, length] batch whose per-token work runs on `num_tokens` slots
+  (all batch * length without token compaction): 3 x 2 N per token slot (4 x with full remat), attention over the
+  causal query blocks it computes on the rows (forward, its recomputation under any remat, backward = 2 x
+  forward), and the LM head at loss_positions positions per row. The ceiling is this at 100% of the probe."""
   n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size
-  block = query_block if 0 < query_block < seq else seq
+  block = query_block if 0 < query_block < length else length
   # Query block [i, i + block) is multiplied against keys [0, i + block) (the whole row without blocks).
-  scores = sum(min(block, seq - start) * (min(start + block, seq) if block < seq else seq)
-               for start in range(0, seq, block))
+  scores = sum(min(block, length - start) * (min(start + block, length) if block < length else length)
+               for start in range(0, length, block))
   attn_forward = 2 * 2 * config.num_heads * config.head_dim * config.num_layers * batch * scores
   layer_passes = 4 if remat == "full" else 3
   attn_passes = 3 if remat == "none" else 4
-  head = 3 * 2 * config.hidden_size * config.vocab_size * batch * min(max_loss_positions, seq)
-  return layer_passes * 2 * n_layer_params * batch * seq + attn_passes * attn_forward + head
+  head = 3 * 2 * config.hidden_size * config.vocab_size * batch * min(loss_positions, length)
+  return layer_passes * 2 * n_layer_params * num_tokens + attn_passes * attn_forward + head
+
+
+def step_shapes(batches: dict, args) -> list[tuple[int, tuple]]:
+  """Per batch: (length, static step arguments), as `training.loop.train` picks them with
+  `shape_bucket=args.shape_bucket` (0: every batch at [batch, seq], no static arguments)."""
+  from rankrag_jax.training import bucketing
+  shapes = []
+  for i in range(len(batches[KEYS[0]])):
+    if not args.shape_bucket:
+      shapes.append((args.seq, ()))
+      continue
+    planned = bucketing.plan_step_shape({k: batches[k][i] for k in KEYS}, granularity=args.shape_bucket,
+                                        local_shards=1, max_loss_positions=args.max_loss_positions)
+    shapes.append((planned.length, (planned.num_tokens, planned.loss_positions)))
+  return shapes
 
 
 def blend_batches(count: int, batch: int, seq: int) -> list[dict]:
@@ -144,23 +164,28 @@ def side_ours(args) -> dict:
     params = jax.device_put(params, state_shardings["params"])
     state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, 0), out_shardings=state_shardings)(params)
     del params
-    device_batches = [{k: jax.device_put(batches[k][i], data_shardings[k]) for k in step_lib.BATCH_KEYS}
-                      for i in range(len(batches[KEYS[0]]))]
+    shapes = step_shapes(batches, args)
+    device_batches = [{k: jax.device_put(batches[k][i][:, :length], data_shardings[k]) for k in step_lib.BATCH_KEYS}
+                      for i, (length, _) in enumerate(shapes)]
     holder = {"state": state, "losses": []}
 
     def run():  # step i trains on batch i
-      holder["state"], metrics = step_fn(holder["state"], device_batches[len(holder["losses"])])
+      i = len(holder["losses"])
+      holder["state"], metrics = step_fn(holder["state"], device_batches[i], *shapes[i][1])
       holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
 
     run()  # compile
+    for i in range(1, len(shapes)):  # compile the timed steps' other shapes (a long run compiles each once)
+      step_fn.lower(holder["state"], device_batches[i], *shapes[i][1]).compile()
     probe = common.matmul_flops_probe()
     load = common.machine_load()
     times = common.time_repeats(run, args.repeats, warmup=0)
   timed_flops = [train_flops(config, {k: v[i] for k, v in batches.items()}) for i in range(1, 1 + len(times))]
-  executed = executed_train_flops(config, args.batch, args.seq, args.max_loss_positions, args.attention_query_block,
-                                  args.remat)
+  executed = [executed_train_flops(config, args.batch, length, static[0] if static else args.batch * length,
+                                   static[1] if static else args.max_loss_positions, args.attention_query_block,
+                                   args.remat) for length, static in shapes[1:]]
   return {"seconds": times, "probe_flops": probe, "load": load, "losses": holder["losses"], "flops": timed_flops,
-          "executed_flops": executed}
+          "executed_flops": sum(executed) / len(executed), "shapes": shapes}
 
 
 def side_ref(args) -> dict:
@@ -226,6 +251,9 @@ def main():
                       help="ours: causal attention one query block at a time (cpu.gin's value); 0 = one call")
   parser.add_argument("--flatten_matmul_tokens", type=int, default=1,
                       help="ours: projections as 2-D [tokens, features] matmuls (cpu.gin's value)")
+  parser.add_argument("--shape_bucket", type=int, default=64,
+                      help="ours: each batch at its own shape in multiples of this (loop.train.shape_bucket; "
+                           "training/bucketing.py); 0 = every batch at [batch, seq]")
   parser.add_argument("--source", default="blend", choices=("blend", "synthetic"))
   parser.set_defaults(repeats=5)
   args = parser.parse_args()
@@ -240,8 +268,10 @@ def main():
         f"{[round(f, 2) for f in prep['real_token_fraction']]}, {prep['answer_tokens_timed']} answer tokens in the "
         f"timed steps (max {prep['max_answer_tokens_per_row']}/row)")
   tokens = args.batch * args.seq
-  ours_s = common.pooled_median(runs["ours"], "seconds")
-  ref_s = common.pooled_median(runs["ref"], "seconds")
+  # Mean seconds per timed step (pooled over rounds): with per-batch shapes our steps differ, so the mean (the
+  # timed batches' total time) is what tokens/s means; the reference's steps all have one shape.
+  ours_s, ref_s = (sum(sum(res["seconds"]) for res in runs[side]) / sum(len(res["seconds"]) for res in runs[side])
+                   for side in ("ours", "ref"))
   probe = common.median([res["probe_flops"] for res in runs["ours"]])
   flops = runs["ours"][0]["flops"]  # per timed step, the same batches on both sides
   # MFU over the timed steps: their real-token FLOPs / their wall time (steps differ in real tokens, not in shape).
@@ -255,6 +285,7 @@ def main():
       "ceiling_ratio": common.ceiling_ratio(ref_s, runs["ours"][0]["executed_flops"] / probe),
       "ceiling_ratio_real_tokens": common.ceiling_ratio(ref_s, sum(flops) / len(flops) / probe),
       "ours_executed_tflops_per_step": runs["ours"][0]["executed_flops"] / 1e12,
+      "ours_step_shapes": runs["ours"][0]["shapes"], "shape_bucket": args.shape_bucket,
       "losses_ours": runs["ours"][0]["losses"], "losses_ref": runs["ref"][0]["losses"],
       "max_abs_loss_diff": loss_diff,
       "ours_peak_rss_mib": max(res["peak_rss_mib"] for res in runs["ours"]),
@@ -264,7 +295,7 @@ def main():
         f"{summary['ref_tokens_per_s']:.0f} ({ref_s:.2f}s/step); ratio {summary['ratio']:.2f}x")
   print(f"probe {probe / 1e9:.1f} GFLOP/s; MFU ours {summary['ours_mfu']:.1%}, ref {summary['ref_mfu']:.1%}; "
         f"ceiling: at 100% of the probe on the FLOPs it executes ({summary['ours_executed_tflops_per_step']:.2f} "
-        f"TFLOP per step, padding slots included) ours would be {summary['ceiling_ratio']:.2f}x "
+        f"TFLOP per step on average) ours would be {summary['ceiling_ratio']:.2f}x "
         f"({summary['ceiling_ratio_real_tokens']:.2f}x on the real tokens' FLOPs alone); "
         f"losses agree to {loss_diff:.1e} over {len(runs['ours'][0]['losses'])} steps; peak RSS ours "
         f"{summary['ours_peak_rss_mib']} MiB, ref {summary['ref_peak_rss_mib']} MiB")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from rankrag_jax.model import axes
 from rankrag_jax.model import ops
+from rankrag_jax.model import token_layout
 from rankrag_jax.model.config import LlamaConfig
 
 Array = jax.Array
@@ -106,7 +107,7 @@ class Attention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None):
+  def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None, layout=None):
     cfg = self.config
     dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg))
     q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
@@ -120,6 +121,8 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(apply_rope(k, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS,
                                                                axes.ACT_HEAD_DIM))
     new_cache = None
+    if layout is not None:  # the projections ran on the compact real tokens; attention runs on the rows.
+      q, k, v = (token_layout.to_padded(a, layout) for a in (q, k, v))
     if kv_cache is not None:
       # Write this call's keys/values at slots [index, index + T) of the heads-major cache, attend over all of it.
       write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
@@ -135,6 +138,8 @@ class Attention(nn.Module):
       out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
     else:  # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if layout is not None:
+      out = token_layout.to_compact(out, layout)
     out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM))
     out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init((axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
                 name="o_proj")(out)
@@ -159,10 +164,11 @@ class DecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, sin, cos, mask, cache_index, kv_cache):
+  def __call__(self, x, sin, cos, mask, layout, cache_index, kv_cache):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-    h, new_cache = Attention(cfg, name="attn")(norm(name="attn_norm")(x), sin, cos, mask, kv_cache, cache_index)
+    h, new_cache = Attention(cfg, name="attn")(norm(name="attn_norm")(x), sin, cos, mask, kv_cache, cache_index,
+                                               layout)
     x = x + h
     x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
@@ -200,7 +206,7 @@ class Llama(nn.Module):
       layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     self.layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+        in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers,
         unroll=1 if cfg.scan_layers else cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
@@ -215,26 +221,34 @@ class Llama(nn.Module):
     return self.final_norm(x)
 
   def hidden_states(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                    cache: dict | None = None) -> tuple[Array, dict | None]:
+                    cache: dict | None = None, layout: token_layout.TokenLayout | None = None
+                    ) -> tuple[Array, dict | None]:
     """Final-norm hidden states [B, T, D] and the updated cache (None without one).
 
     tokens/positions/segment_ids: int [B, T]. Defaults: positions 0..T-1, one segment (no padding).
     With a cache, tokens are written at slots [cache["index"], cache["index"] + T). A Python-int index (static: a
     prefill) lets the queries attend block by block to the slots up to each block's end only.
+    With a `layout` (no cache; `token_layout.make_layout(segment_ids, ...)`), everything but attention runs on the
+    real tokens only; padding slots of the result are 0.
     """
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
+    if layout is not None:
+      if cache is not None:
+        raise ValueError("hidden_states: a token layout is for cache-free (training) passes")
+      tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
     x = self.embed(tokens)
     sin, cos = rope_sin_cos(positions, self.config)
     if cache is None:
       mask = attention_mask(segment_ids, segment_ids)
-      x, _ = self.layers(x, sin, cos, mask, None, None)
-      return self.normalize(x), None
+      x, _ = self.layers(x, sin, cos, mask, layout, None, None)
+      x = self.normalize(x)
+      return (x if layout is None else token_layout.to_padded(x, layout)), None
     kv_segments, mask = _cached_attention_mask(cache, segment_ids)
-    x, kv = self.layers(x, sin, cos, mask, cache["index"], {"k": cache["k"], "v": cache["v"]})
+    x, kv = self.layers(x, sin, cos, mask, None, cache["index"], {"k": cache["k"], "v": cache["v"]})
     new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "index": cache["index"] + t}
     return self.normalize(x), new_cache
 
@@ -297,7 +311,7 @@ def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict
   kv_segments, mask = _cached_attention_mask(cache, segment_ids)
   layer, ks, vs = DecoderLayer(config), [], []
   for layer_params, k, v in zip(layers, cache["k"], cache["v"]):
-    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, cache["index"], {"k": k, "v": v})
+    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, None, cache["index"], {"k": k, "v": v})
     ks.append(kv["k"])
     vs.append(kv["v"])
   new_cache = {"k": ks, "v": vs, "segment_ids": kv_segments, "index": cache["index"] + tokens.shape[1]}

@@ -19,6 +19,7 @@ import numpy as np
 
 from rankrag_jax import sharding as sharding_lib
 from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.training import bucketing
 from rankrag_jax.training import checkpointing
 from rankrag_jax.training import data as data_lib
 from rankrag_jax.training import initialization
@@ -156,7 +157,8 @@ def start_or_resume(checkpointer: checkpointing.Checkpointer, model_dir, model_c
 def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRED,
           total_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED, sequence_length: int = gin.REQUIRED,
           init_checkpoint: str | None = None, batch_fn=data_lib.blend_batches, seed: int = 0,
-          num_micro_batches: int = 1, max_loss_positions: int | None = None, log_every: int = 10,
+          num_micro_batches: int = 1, max_loss_positions: int | None = None, shape_bucket: int = 0,
+          log_every: int = 10,
           eval_every: int | None = None, eval_batches: int = 4, eval_batch_size: int | None = None,
           eval_at_start: bool = True, peak_flops_per_device: float = 160e9, export_hf: bool = True,
           progress_bar: bool = True, metrics_dir: str | None = None,
@@ -176,6 +178,9 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
     num_micro_batches: gradient accumulation: the step scans over this many slices of the batch.
     max_loss_positions: answer positions per row given to the LM head (None: all T; see training/loss.py).
     log_every: fetch metrics, write them and check for NaN every this many steps.
+    shape_bucket: 0 runs every step at [batch_size, sequence_length]; G > 0 runs each batch at its own shape,
+      rounded up to multiples of G: rows cut after their last real token, per-token work on the real tokens only,
+      loss positions as many as the rows need (training/bucketing.py; exact; one compile per distinct shape).
     eval_every, eval_batches, eval_batch_size, eval_at_start: held-out ("validation") loss: every `eval_every`
       steps, at the end, and before the first step; over the same first `eval_batches` batches each time.
     peak_flops_per_device: for MFU (CPU default measured on this machine's matmul; TPU v5p 459e12 bf16).
@@ -216,19 +221,33 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
     if run.resumed and first_step >= total_steps:
       writer.message(f"{model_dir} already holds step {first_step} of {total_steps}: nothing to train (a new "
                      "MODEL_DIR starts a new run).")
+    data_shards = step_lib.num_data_shards(mesh, rules)
+    if shape_bucket and data_shards % hosts:
+      raise ValueError(f"shape_bucket needs the batch split over every host: {data_shards} data shards on the mesh "
+                       f"{dict(mesh.shape)}, {hosts} hosts")
+    local_shards = data_shards // hosts
     with step_lib.sharding_context(mesh, rules):
       if eval_at_start and first_step == 0 and eval_batches:
         summary.initial_eval_loss = held_out.evaluate(run.state["params"], 0, writer)
       pending = metrics_lib.PendingMetrics(batch_size * sequence_length,
                                            run.config.flops_per_token(sequence_length), peak_flops_per_device,
                                            jax.device_count())
-      warned_dropped = False
+      warned_dropped, compiled_shapes = False, set()
       for step in range(first_step + 1, total_steps + 1):  # `step` counts updates done, as checkpoints do.
-        run.state, step_metrics = run.step_fn(run.state, data_lib.global_batch(next(source), run.data_shardings))
+        local, shape = next(source), ()
+        if shape_bucket:
+          planned = bucketing.plan_step_shape(local, granularity=shape_bucket, local_shards=local_shards,
+                                              num_micro_batches=num_micro_batches,
+                                              max_loss_positions=max_loss_positions)
+          local, shape = bucketing.trim_batch(local, planned.length), (planned.num_tokens, planned.loss_positions)
+        run.state, step_metrics = run.step_fn(run.state, data_lib.global_batch(local, run.data_shardings), *shape)
         pending.add(step, step_metrics)
-        if step == first_step + 1:  # the first call compiles: keep it out of tokens/s and MFU.
+        compiled = (np.shape(local["decoder_segment_ids"]),) + shape
+        if compiled not in compiled_shapes:  # this call compiled: keep it out of tokens/s and MFU.
+          compiled_shapes.add(compiled)
           jax.block_until_ready(step_metrics)
-          writer.message(f"first step (compile + run) took {pending.restart_clock():.1f}s")
+          what = "first step" if step == first_step + 1 else f"step {step} (new shape {planned})"
+          writer.message(f"{what} (compile + run) took {pending.restart_clock():.1f}s")
         done = step == total_steps
         save_due = step % checkpointer.save_every_steps == 0 or done
         if not (save_due or done or step % log_every == 0):

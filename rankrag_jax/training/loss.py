@@ -13,6 +13,7 @@ from the loss; that is counted (`dropped_loss_tokens`) and the loop warns, so K 
 import jax
 import jax.numpy as jnp
 
+from rankrag_jax.model import token_layout
 from rankrag_jax.model.llama import Llama
 
 Array = jax.Array
@@ -40,13 +41,19 @@ def zero_sums() -> dict:
           CORRECT_SUM: jnp.zeros((), jnp.float32), DROPPED: jnp.zeros((), jnp.int32)}
 
 
-def loss_sums(params, batch: dict, *, model: Llama, max_loss_positions: int | None = None) -> dict:
+def loss_sums(params, batch: dict, *, model: Llama, max_loss_positions: int | None = None,
+              num_tokens: int | None = None, num_shards: int = 1) -> dict:
   """Sums over the batch: weighted cross-entropy, weight, weighted correct next tokens, dropped answer tokens.
 
   Sums (not means) so micro-batches and hosts combine exactly; the caller divides by `weight_sum`.
+  With `num_tokens` (static), the model's per-token work runs on each of the `num_shards` data shards' real tokens
+  only, `num_tokens` per shard (`token_layout`; the caller makes sure no shard holds more).
   """
+  layout = None
+  if num_tokens is not None:
+    layout = token_layout.make_layout(batch["decoder_segment_ids"], num_shards, num_tokens)
   hidden, _ = model.apply({"params": params}, batch["decoder_input_tokens"], batch["decoder_positions"],
-                          batch["decoder_segment_ids"], method=Llama.hidden_states)
+                          batch["decoder_segment_ids"], layout=layout, method=Llama.hidden_states)
   targets = batch["decoder_target_tokens"]
   weights = batch["decoder_loss_weights"].astype(jnp.float32)
   t = targets.shape[1]

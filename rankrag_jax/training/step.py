@@ -8,6 +8,7 @@ optimizer state inherits its parameter's sharding (Adam moments are sharded exac
 
 import contextlib
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -61,6 +62,13 @@ def batch_shardings(mesh: Mesh, rules) -> dict:
   return {key: sharding_lib.data_sharding(mesh, rules, ndim=2) for key in BATCH_KEYS}
 
 
+def num_data_shards(mesh: Mesh, rules) -> int:
+  """How many blocks of rows a batch is split into on `mesh` (the sizes of the mesh axes its batch axis maps to)."""
+  names = sharding_lib.data_sharding(mesh, rules, ndim=2).spec[0]
+  names = () if names is None else (names,) if isinstance(names, str) else names
+  return math.prod(mesh.shape[name] for name in names)
+
+
 def new_train_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> dict:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
           "rng": jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32)}
@@ -77,15 +85,16 @@ def _micro_batches(batch: dict, num_micro_batches: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _summed_loss(params, batch, *, model, max_loss_positions):
-  sums = loss_lib.loss_sums(params, batch, model=model, max_loss_positions=max_loss_positions)
+def _summed_loss(params, batch, *, model, max_loss_positions, num_tokens, num_shards):
+  sums = loss_lib.loss_sums(params, batch, model=model, max_loss_positions=max_loss_positions,
+                            num_tokens=num_tokens, num_shards=num_shards)
   return sums[loss_lib.LOSS_SUM], sums
 
 
-def _summed_grads(params, batch, *, model, max_loss_positions, num_micro_batches):
+def _summed_grads(params, batch, *, model, max_loss_positions, num_micro_batches, num_tokens, num_shards):
   """Gradient of the summed loss and the summed metrics, over micro-batches with a scan when A > 1."""
-  grad_fn = jax.grad(functools.partial(_summed_loss, model=model, max_loss_positions=max_loss_positions),
-                     has_aux=True)
+  grad_fn = jax.grad(functools.partial(_summed_loss, model=model, max_loss_positions=max_loss_positions,
+                                       num_tokens=num_tokens, num_shards=num_shards), has_aux=True)
   if num_micro_batches == 1:
     return grad_fn(params, batch)
 
@@ -100,10 +109,14 @@ def _summed_grads(params, batch, *, model, max_loss_positions, num_micro_batches
 
 def train_step(state: dict, batch: dict, *, model: Llama, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, max_loss_positions: int | None = None,
-               num_micro_batches: int = 1) -> tuple[dict, dict]:
-  """One optimizer update on the mean answer-token loss of `batch` (all micro-batches). Pure function."""
+               num_micro_batches: int = 1, num_tokens: int | None = None, num_shards: int = 1) -> tuple[dict, dict]:
+  """One optimizer update on the mean answer-token loss of `batch` (all micro-batches). Pure function.
+
+  num_tokens: None, or the real tokens per (micro-batch, data shard) the model's per-token work runs on
+  (`token_layout.tokens_needed` rounded up to a bucket; static). num_shards: the batch's data shards.
+  """
   grads, sums = _summed_grads(state["params"], batch, model=model, max_loss_positions=max_loss_positions,
-                              num_micro_batches=num_micro_batches)
+                              num_micro_batches=num_micro_batches, num_tokens=num_tokens, num_shards=num_shards)
   denominator = jnp.maximum(sums[loss_lib.WEIGHT_SUM], 1e-8)
   grads = jax.tree.map(lambda g: g / denominator, grads)
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -129,14 +142,22 @@ def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
   """train_step jitted with explicit in/out shardings and the state donated (updated in place).
 
   Returns (step_fn, state_shardings, batch_shardings, abstract_state). Call step_fn(state, batch) under
-  `sharding_context(mesh, rules)` (the model's activation constraints read the rules at trace time).
+  `sharding_context(mesh, rules)` (the model's activation constraints read the rules at trace time), or
+  step_fn(state, batch, num_tokens, loss_positions) with a `bucketing.StepShape`'s static sizes (one compiled step
+  per distinct shape; loss_positions <= max_loss_positions).
   """
   abstract, state_shardings = train_state_shardings(config, optimizer, mesh, rules)
   data_shardings = batch_shardings(mesh, rules)
-  fn = functools.partial(train_step, model=Llama(config), optimizer=optimizer, schedule=schedule,
-                         max_loss_positions=max_loss_positions, num_micro_batches=num_micro_batches)
+  step = functools.partial(train_step, model=Llama(config), optimizer=optimizer, schedule=schedule,
+                           num_micro_batches=num_micro_batches, num_shards=num_data_shards(mesh, rules))
+
+  def fn(state, batch, num_tokens=None, loss_positions=None):  # positional: jit with in_shardings takes no kwargs
+    return step(state, batch, num_tokens=num_tokens,
+                max_loss_positions=max_loss_positions if loss_positions is None else loss_positions)
+
   step_fn = jax.jit(fn, in_shardings=(state_shardings, data_shardings),
-                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,),
+                    static_argnums=(2, 3))
   return step_fn, state_shardings, data_shardings, abstract
 
 
