@@ -32,10 +32,6 @@ class TokenLayout:
   padded_slots: Array
   rows: int = flax.struct.field(pytree_node=False)
 
-  @property
-  def num_tokens(self) -> int:
-    return self.compact_slots.shape[1]
-
 
 def make_layout(segment_ids: Array, num_shards: int, num_tokens: int) -> TokenLayout:
   """The layout of a [B, T] batch (segment id 0 = padding) over `num_shards` data shards, N = num_tokens."""
