@@ -13,13 +13,10 @@ import pytest
 
 from rankrag_jax import sharding
 from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import llama
 from rankrag_jax.model import token_layout
 from rankrag_jax.training import bucketing
 from rankrag_jax.training import data as data_lib
-from rankrag_jax.training import optimizer as optimizer_lib
-from rankrag_jax.training import step as step_lib
-from tests.test_train import REPO, _env
+from tests.test_train import REPO, _env, _one_step
 
 
 def _ragged_segment_ids(rows=4, length=12, seed=0):
@@ -84,6 +81,9 @@ def test_plan_step_shape_rounds_up_and_never_cuts_real_tokens():
   capped = bucketing.plan_step_shape(batch, granularity=16, local_shards=2, max_loss_positions=4)
   assert capped == bucketing.StepShape(length=48, num_tokens=64, loss_positions=4)  # 57 tokens in shard 0
   assert bucketing.trim_batch(batch, 48)["decoder_segment_ids"].shape == (4, 48)
+  batch["decoder_loss_weights"][2, 40] = 1  # a loss weight on padding: a bad batch, named, not silently cut
+  with pytest.raises(ValueError, match="row 2, slot 40: a loss weight on a padding slot"):
+    bucketing.plan_step_shape(batch, granularity=16, local_shards=1)
   with pytest.raises(ValueError, match="real tokens after slot 32"):
     bucketing.trim_batch(batch, 32)
 
@@ -97,33 +97,16 @@ def _ragged_copy_batch(batch_size=8, length=64, seed=0):
   return batch
 
 
-def _step(config, batch, mesh, shape_bucket=0, num_micro_batches=1):
-  schedule = optimizer_lib.learning_rate_schedule(1e-3, 10, 0, decay="constant")
-  optimizer = optimizer_lib.make_optimizer(schedule)
-  rules = sharding.logical_axis_rules()
-  step_fn, state_shardings, data_shardings, _ = step_lib.jit_train_step(
-      config, optimizer, schedule, mesh, rules, max_loss_positions=32, num_micro_batches=num_micro_batches)
-  state = jax.device_put(step_lib.new_train_state(llama.init_params(config, jax.random.key(0)), optimizer, 0),
-                         state_shardings)
-  shape = ()
-  if shape_bucket:
-    planned = bucketing.plan_step_shape(batch, granularity=shape_bucket,
-                                        local_shards=step_lib.num_data_shards(mesh, rules),
-                                        num_micro_batches=num_micro_batches, max_loss_positions=32)
-    batch, shape = bucketing.trim_batch(batch, planned.length), (planned.num_tokens, planned.loss_positions)
-  with step_lib.sharding_context(mesh, rules):
-    state, metrics = step_fn(state, data_lib.global_batch(batch, data_shardings), *shape)
-  return state, metrics, shape
-
-
 @pytest.mark.parametrize("overrides", [{}, {"remat_policy": "dots", "attention_query_block": 16,
                                            "flatten_matmul_tokens": True}])
 def test_bucketed_step_equals_the_fixed_shape_step(overrides):
   config, batch, mesh = config_lib.tiny(**overrides), _ragged_copy_batch(), sharding.make_mesh()
-  fixed, fixed_metrics, _ = _step(config, batch, mesh)
-  bucketed, metrics, shape = _step(config, batch, mesh, shape_bucket=8)
+  fixed, fixed_metrics = _one_step(config, batch, mesh, max_loss_positions=32)
+  bucketed, metrics = _one_step(config, batch, mesh, max_loss_positions=32, shape_bucket=8)
   real = int((batch["decoder_segment_ids"] != 0).sum())
-  assert real < 8 * 64 - 100 and shape == (-(-real // 8) * 8, 16)  # at most 16 answer tokens per row
+  planned = bucketing.plan_step_shape(batch, granularity=8, local_shards=1, max_loss_positions=32)
+  assert real < 8 * 64 - 100  # at most 16 answer tokens per row; the longest row is cut at 56 of 64 slots
+  assert planned == bucketing.StepShape(length=56, num_tokens=-(-real // 8) * 8, loss_positions=16)
   for key in ("loss", "grad_norm", "accuracy", "loss_tokens"):
     np.testing.assert_allclose(metrics[key], fixed_metrics[key], rtol=2e-5)
   for a, b in zip(jax.tree.leaves(fixed["params"]), jax.tree.leaves(bucketed["params"])):
@@ -135,11 +118,16 @@ SHARDED_BUCKETED_SCRIPT = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     from rankrag_jax import sharding
     from rankrag_jax.model import config as config_lib
-    from tests.test_bucketing import _step, _ragged_copy_batch
+    from rankrag_jax.training import bucketing
+    from tests.test_bucketing import _ragged_copy_batch
+    from tests.test_train import _one_step
     config, batch = config_lib.tiny(), _ragged_copy_batch()
-    sharded, m8, shape = _step(config, batch, sharding.make_mesh(data=2, fsdp=2, tensor=2), shape_bucket=8,
-                               num_micro_batches=2)
-    single, m1, _ = _step(config, batch, sharding.make_mesh(devices=jax.devices()[:1]))
+    sharded, m8 = _one_step(config, batch, sharding.make_mesh(data=2, fsdp=2, tensor=2), num_micro_batches=2,
+                            max_loss_positions=32, shape_bucket=8)
+    single, m1 = _one_step(config, batch, sharding.make_mesh(devices=jax.devices()[:1]), max_loss_positions=32)
+    planned = bucketing.plan_step_shape(batch, granularity=8, local_shards=4, num_micro_batches=2,
+                                        max_loss_positions=32)
+    shape = [planned.num_tokens, planned.loss_positions]
     diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(sharded["params"]), jax.tree.leaves(single["params"]))]
     print("RESULT" + json.dumps({"loss8": float(m8["loss"]), "loss1": float(m1["loss"]), "shape": shape,

@@ -23,6 +23,7 @@ from rankrag_jax import sharding
 from rankrag_jax.convert import load as convert_load
 from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import llama
+from rankrag_jax.training import bucketing
 from rankrag_jax.training import checkpointing
 from rankrag_jax.training import data as data_lib
 from rankrag_jax.training import loss as loss_lib
@@ -83,16 +84,25 @@ def test_gathered_loss_equals_full_vocabulary_projection_loss():
   np.testing.assert_allclose(full[loss_lib.LOSS_SUM], (ce * batch["decoder_loss_weights"]).sum(), rtol=1e-5)
 
 
-def _one_step(config, batch, mesh, num_micro_batches=1, learning_rate=1e-3):
+def _one_step(config, batch, mesh, num_micro_batches=1, learning_rate=1e-3, max_loss_positions=16,
+              shape_bucket=0):
+  """One train step from the same initial state; with shape_bucket, at the batch's planned shape (as the loop)."""
   schedule = optimizer_lib.learning_rate_schedule(learning_rate, 10, 0, decay="constant")
   optimizer = optimizer_lib.make_optimizer(schedule)
   rules = sharding.logical_axis_rules()
   step_fn, state_shardings, data_shardings, _ = step_lib.jit_train_step(
-      config, optimizer, schedule, mesh, rules, max_loss_positions=16, num_micro_batches=num_micro_batches)
+      config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
+      num_micro_batches=num_micro_batches)
   state = jax.device_put(step_lib.new_train_state(llama.init_params(config, jax.random.key(0)), optimizer, 0),
                          state_shardings)
+  shape = ()
+  if shape_bucket:
+    planned = bucketing.plan_step_shape(batch, granularity=shape_bucket,
+                                        local_shards=step_lib.num_data_shards(mesh, rules),
+                                        num_micro_batches=num_micro_batches, max_loss_positions=max_loss_positions)
+    batch, shape = bucketing.trim_batch(batch, planned.length), (planned.num_tokens, planned.loss_positions)
   with step_lib.sharding_context(mesh, rules):
-    state, metrics = step_fn(state, data_lib.global_batch(batch, data_shardings))
+    state, metrics = step_fn(state, data_lib.global_batch(batch, data_shardings), *shape)
   return state, metrics
 
 

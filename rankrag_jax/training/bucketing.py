@@ -52,6 +52,10 @@ def plan_step_shape(local_batch: dict, *, granularity: int, local_shards: int, n
   segment_ids = np.asarray(local_batch["decoder_segment_ids"])
   b, t = segment_ids.shape
   real = segment_ids != 0
+  stray = np.argwhere(~real & (np.asarray(local_batch["decoder_loss_weights"]) != 0))
+  if stray.size:  # a cut or compacted step would drop that token from the loss; a fixed-shape step keeps it
+    raise ValueError(f"batch row {stray[0][0]}, slot {stray[0][1]}: a loss weight on a padding slot (segment id 0);"
+                     " per-batch shapes (shape_bucket) need loss weights on real tokens only")
   last_slot = np.where(real.any(0))[0]
   needs = np.asarray([last_slot[-1] + 1 if last_slot.size else 1,
                       tokens_needed(segment_ids, local_shards, num_micro_batches),
