@@ -1,9 +1,7 @@
 """Per-batch step shapes (training/bucketing.py) and token compaction (model/token_layout.py): exact, and no real
 token is ever left out."""
 
-import json
 import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,7 +14,7 @@ from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import token_layout
 from rankrag_jax.training import bucketing
 from rankrag_jax.training import data as data_lib
-from tests.test_train import REPO, _env, _one_step
+from tests.test_train import REPO, _env, _one_step, _run_on_8_cpu_devices
 
 
 def _ragged_segment_ids(rows=4, length=12, seed=0):
@@ -137,11 +135,7 @@ SHARDED_BUCKETED_SCRIPT = textwrap.dedent("""
 
 
 def test_bucketed_step_on_4_data_shards_with_micro_batches_equals_the_single_device_step():
-  out = subprocess.run([sys.executable, "-c", SHARDED_BUCKETED_SCRIPT], cwd=REPO, capture_output=True, text=True,
-                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.split("RESULT")[-1])
-  assert result["devices"] == 8
+  result = _run_on_8_cpu_devices(SHARDED_BUCKETED_SCRIPT)
   # 4 data shards of 2 rows, 2 micro-batches: one row per (shard, micro-batch); the longest row sets the budget.
   assert result["shape"] == [-(-max(result["row_tokens"]) // 8) * 8, 16]
   assert abs(result["loss8"] - result["loss1"]) <= 1e-5

@@ -148,12 +148,18 @@ SHARDED_STEP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_2x2x2_step_equals_single_device_step():
-  out = subprocess.run([sys.executable, "-c", SHARDED_STEP_SCRIPT], cwd=REPO, capture_output=True, text=True,
+def _run_on_8_cpu_devices(script: str) -> dict:
+  """Runs `script` in a child with 8 host devices; returns the JSON it printed after "RESULT"."""
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.split("RESULT")[-1])
   assert result["devices"] == 8
+  return result
+
+
+def test_sharded_2x2x2_step_equals_single_device_step():
+  result = _run_on_8_cpu_devices(SHARDED_STEP_SCRIPT)
   assert abs(result["loss8"] - result["loss1"]) <= 1e-5
   # Adam's first update is ~lr·sign(g): scale-blind, so the gradient's size is checked through its norm.
   assert abs(result["grad_norm8"] - result["grad_norm1"]) <= 1e-5 * result["grad_norm1"]
