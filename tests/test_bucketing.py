@@ -82,6 +82,8 @@ def test_plan_step_shape_rounds_up_and_never_cuts_real_tokens():
   batch["decoder_loss_weights"][2, 40] = 1  # a loss weight on padding: a bad batch, named, not silently cut
   with pytest.raises(ValueError, match="row 2, slot 40: a loss weight on a padding slot"):
     bucketing.plan_step_shape(batch, granularity=16, local_shards=1)
+  with pytest.raises(ValueError, match="granularity must be >= 1, got 0"):
+    bucketing.plan_step_shape(batch, granularity=0, local_shards=1)
   with pytest.raises(ValueError, match="real tokens after slot 32"):
     bucketing.trim_batch(batch, 32)
 
@@ -155,3 +157,11 @@ def test_train_with_shape_bucket_repeats_the_fixed_shape_losses(tmp_path):
   assert sorted(bucketed) == sorted(fixed) == list(range(1, 7))
   np.testing.assert_allclose([bucketed[s] for s in fixed], list(fixed.values()), rtol=1e-5)
   assert "(new shape StepShape(" in log  # the copy task's batches differ in real tokens: more than one shape
+
+
+def test_train_refuses_a_negative_shape_bucket(tmp_path):
+  from tests.test_train import _train_command
+  out = subprocess.run(_train_command(tmp_path / "run", "loop.train.shape_bucket = -8"), cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "loop.train.shape_bucket must be 0 (fixed shapes) or a granularity > 0, got -8" in out.stderr

@@ -49,6 +49,8 @@ def tokens_needed(segment_ids: np.ndarray, num_shards: int, num_micro_batches: i
 def plan_step_shape(local_batch: dict, *, granularity: int, local_shards: int, num_micro_batches: int = 1,
                     max_loss_positions: int | None = None) -> StepShape:
   """The bucketed shape of this batch, the same on every host (`local_shards`: data shards on this host)."""
+  if granularity < 1:
+    raise ValueError(f"shape bucket granularity must be >= 1, got {granularity}")
   segment_ids = np.asarray(local_batch["decoder_segment_ids"])
   b, t = segment_ids.shape
   real = segment_ids != 0

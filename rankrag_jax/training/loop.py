@@ -198,6 +198,8 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
   hosts = jax.process_count()
   if batch_size % hosts:
     raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts ({hosts})")
+  if shape_bucket < 0:
+    raise ValueError(f"loop.train.shape_bucket must be 0 (fixed shapes) or a granularity > 0, got {shape_bucket}")
   mesh, rules = sharding_lib.make_mesh(), sharding_lib.logical_axis_rules()
   checkpointer = checkpointing.Checkpointer(model_dir / checkpointing.CHECKPOINTS_SUBDIR)
   writer = None
