@@ -26,6 +26,7 @@ from rankrag_jax.model import axes
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
+from rankrag_jax.model import token_layout
 from rankrag_jax.model.llama import Llama
 
 Array = jax.Array
@@ -98,7 +99,8 @@ def _next_tokens(logits: Array, row_keys: Array, step: Array, temperature: Array
 
 def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, tokens: Array, lengths: Array,
                  stop_ids: Array, row_keys: Array, temperature: Array, top_p: Array, *, max_new_tokens: int,
-                 sample: bool = False, prefix_length: int = 0) -> tuple[Array, Array]:
+                 sample: bool = False, prefix_length: int = 0, num_tokens: int = 0, num_shards: int = 1
+                 ) -> tuple[Array, Array]:
   """Generates up to `max_new_tokens` tokens for each right-padded prompt row.
 
   Args:
@@ -115,6 +117,9 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
     max_new_tokens: the decode budget (static: sizes the KV cache and the output).
     sample: False for greedy (argmax), True for temperature / top-p sampling.
     prefix_length: how many leading tokens all rows share, computed once (static; < every row's length).
+    num_tokens: 0, or the prompt prefill's compact token budget per data shard (static; >= each shard's real
+      tokens after the prefix, `prefill_token_budget`): its projections and MLP then run on the real tokens only.
+    num_shards: the data shards the rows are split over (static; with num_tokens).
 
   Returns:
     (new_tokens int32 [B, max_new_tokens], num_new int32 [B]); entries past num_new are 0.
@@ -138,7 +143,8 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   else:
     cache = llama.init_cache(config, batch, prompt_len + max_new_tokens, per_layer=unstack_layers)
     cache["index"] = 0
-  hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache)
+  layout = token_layout.make_layout(segment_ids[:, p:], num_shards, num_tokens) if num_tokens else None
+  hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache, layout=layout)
   cache["index"] = jnp.int32(cache["index"])  # the decode loop carries it
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1 - p)[:, None, None], axis=1)[:, 0]
   logits = model.apply({"params": params}, last_hidden, method=Llama.logits_from_hidden)
@@ -188,7 +194,8 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], multiple: int = 1) 
 @functools.cache
 def _jitted_decode_batch(backend: str):
   """decode_batch jitted for `backend`; on CPU with `inference_compiler_options`."""
-  return jax.jit(decode_batch, static_argnames=("config", "max_new_tokens", "sample", "prefix_length"),
+  return jax.jit(decode_batch, static_argnames=("config", "max_new_tokens", "sample", "prefix_length", "num_tokens",
+                                  "num_shards"),
                  compiler_options=ops.inference_compiler_options(backend))
 
 
@@ -213,7 +220,7 @@ _jitted_unstack_layers = jax.jit(llama.unstack_layers)
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              stop_ids: Sequence[int], temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 8, mesh: Mesh | None = None, keep_stop_token: bool = False,
-             layers: list[dict] | None | str = "auto") -> list[list[int]]:
+             layers: list[dict] | None | str = "auto", compact_granularity: int = 16) -> list[list[int]]:
   """Continues each prompt (token ids) and returns its new token ids, in the order of `prompts`.
 
   Args:
@@ -229,6 +236,9 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     keep_stop_token: whether the returned ids end with the stop id that ended the row.
     layers: the layer weights to decode from, as `decode_layers(params)` makes them once for many calls; None
       steps the stacked layers of `params`; "auto" calls `decode_layers(params)` (once per call).
+    compact_granularity: the prompt prefill runs its projections and MLP on the real tokens only, their count
+      rounded up to this (one compiled program per count: `token_layout.prefill_token_budget`); 0 computes the
+      padded rows too (bench/README.md: ~10% of the prefill for 8 RAG prompts).
 
   Returns:
     One list of new token ids per prompt.
@@ -239,6 +249,8 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     raise ValueError("generate: every prompt needs at least one token")
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if compact_granularity < 0:
+    raise ValueError(f"generate: compact_granularity must be >= 0 (0: no compaction), got {compact_granularity}")
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
   if isinstance(layers, str):
@@ -265,13 +277,17 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     for r, i in enumerate(rows + [rows[0]] * (padded_rows - len(rows))):
       tokens[r, :len(prompts[i])] = prompts[i]
       lengths[r] = len(prompts[i])
+    num_shards = data_parallel_size(mesh)
+    suffix_segments = np.arange(prefix_length, bucket)[None, :] < lengths[:, None]
+    num_tokens = token_layout.prefill_token_budget(suffix_segments, num_shards, compact_granularity)
     row_ids = np.asarray(rows + [0] * (padded_rows - len(rows)), np.uint32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
     tokens, lengths, row_keys = shard_batch((tokens, lengths, row_keys), mesh)
     decode = _jitted_decode_batch(jax.default_backend())
     new_tokens, num_new = decode(params, layers, config, tokens, lengths, stop, row_keys,
                                  jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                                 max_new_tokens=max_new_tokens, sample=temperature > 0, prefix_length=prefix_length)
+                                 max_new_tokens=max_new_tokens, sample=temperature > 0, prefix_length=prefix_length,
+                                 num_tokens=num_tokens, num_shards=num_shards)
     new_tokens, num_new = np.asarray(new_tokens), np.asarray(num_new)
     stop_set = set(int(s) for s in stop_ids)
     for r, i in enumerate(rows):

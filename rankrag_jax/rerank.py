@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from rankrag_jax import prompts
 from rankrag_jax.generate import data_parallel_size, length_bucket, shard_batch, shared_prefix_length
 from rankrag_jax.model import ops
+from rankrag_jax.model import token_layout
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama, init_cache
 
@@ -50,7 +51,8 @@ def prefill_prefix(params: dict, config: LlamaConfig, tokens: Array, length: Arr
 
 
 def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, prefix_length: Array,
-                      tokens: Array, lengths: Array, answer_ids: Array) -> Array:
+                      tokens: Array, lengths: Array, answer_ids: Array, num_tokens: int = 0,
+                      num_shards: int = 1) -> Array:
   """Log-probabilities of the answer tokens after each prompt: [B, len(answer_ids)].
 
   Args:
@@ -60,6 +62,9 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
     tokens: int32 [B, T] the rest of each prompt, right-padded.
     lengths: int32 [B] real suffix lengths (>= 1); row b's answer is predicted at suffix position lengths[b]-1.
     answer_ids: int32 [A] vocabulary rows to score, e.g. ("True", "False").
+    num_tokens: 0, or the compact token budget per data shard (static, `token_layout.prefill_token_budget`):
+      projections and MLP then run on the real suffix tokens only.
+    num_shards: the data shards the rows are split over (static; with num_tokens).
   """
   model = Llama(config)
   batch, suffix_len = tokens.shape
@@ -76,7 +81,9 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
   slots = jnp.arange(suffix_len)
   positions = jnp.broadcast_to(prefix_length + slots, (batch, suffix_len))
   segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
-  hidden, _ = model.apply({"params": params}, tokens, positions, segment_ids, cache, method=Llama.hidden_states)
+  layout = token_layout.make_layout(segment_ids, num_shards, num_tokens) if num_tokens else None
+  hidden, _ = model.apply({"params": params}, tokens, positions, segment_ids, cache, layout=layout,
+                          method=Llama.hidden_states)
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
   answer_logits = model.apply({"params": params}, last_hidden, answer_ids, method=Llama.logits_from_hidden)
   # The normaliser needs every vocabulary row, but only at these B positions: B x V, not B x T x V.
@@ -85,8 +92,8 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
 
 
 @functools.cache
-def _jitted(fn: Callable, backend: str) -> Callable:
-  return jax.jit(fn, static_argnames=("config",), compiler_options=ops.inference_compiler_options(backend))
+def _jitted(fn: Callable, backend: str, static_argnames: tuple[str, ...] = ("config",)) -> Callable:
+  return jax.jit(fn, static_argnames=static_argnames, compiler_options=ops.inference_compiler_options(backend))
 
 
 def suffix_bucket(length: int, multiple: int = 16) -> int:
@@ -121,7 +128,8 @@ def _batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int,
 @gin.configurable(denylist=["params", "config", "sequences", "answer_ids"])
 def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence[Sequence[int]],
                           answer_ids: Sequence[int], max_batch_tokens: int = 8192, max_batch_rows: int = 16,
-                          share_prefix: bool = True, mesh: Mesh | None = None) -> np.ndarray:
+                          share_prefix: bool = True, mesh: Mesh | None = None, compact_granularity: int = 16
+                          ) -> np.ndarray:
   """Log-probabilities [N, A] of `answer_ids` as the next token after each sequence (token-id prompts).
 
   Args:
@@ -132,7 +140,12 @@ def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence
     max_batch_rows: at most this many rows per batch.
     share_prefix: run the tokens common to all sequences once and reuse their KV cache.
     mesh: when given with >1 data-parallel device, batches are split over its data axes.
+    compact_granularity: each batch's projections and MLP run on its real tokens only, their count rounded up to
+      this (one compiled program per count); 0 computes the padding slots too.
   """
+  if compact_granularity < 0:
+    raise ValueError(f"score_token_sequences: compact_granularity must be >= 0 (0: no compaction), "
+                     f"got {compact_granularity}")
   if not sequences:
     return np.zeros((0, len(answer_ids)), np.float32)
   if any(len(s) == 0 for s in sequences):
@@ -153,9 +166,12 @@ def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence
     for r, i in enumerate(rows):
       tokens[r, :len(suffixes[i])] = suffixes[i]
       lengths[r] = len(suffixes[i])
+    num_tokens = token_layout.prefill_token_budget(np.arange(bucket)[None, :] < lengths[:, None], multiple,
+                                                   compact_granularity)
     tokens, lengths = shard_batch((tokens, lengths), mesh)
-    log_probs = _jitted(score_token_batch, backend)(params, config, prefix_cache, jnp.int32(prefix_len), tokens,
-                                                    lengths, answers)
+    score_batch = _jitted(score_token_batch, backend, ("config", "num_tokens", "num_shards"))
+    log_probs = score_batch(params, config, prefix_cache, jnp.int32(prefix_len), tokens, lengths, answers,
+                            num_tokens=num_tokens, num_shards=multiple)
     out[rows] = np.asarray(log_probs)[:len(rows)]
   return out
 

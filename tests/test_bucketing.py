@@ -31,7 +31,7 @@ def _ragged_segment_ids(rows=4, length=12, seed=0):
 def test_compact_layout_holds_each_shards_real_tokens_in_order_and_pads_back(num_shards):
   segment_ids = _ragged_segment_ids()
   x = np.random.default_rng(1).normal(size=segment_ids.shape + (3,)).astype(np.float32)
-  needed = bucketing.tokens_needed(segment_ids, num_shards)
+  needed = token_layout.tokens_needed(segment_ids, num_shards)
   layout = token_layout.make_layout(jnp.asarray(segment_ids), num_shards, needed + 2)  # 2 unused compact slots
   compact = np.asarray(token_layout.to_compact(jnp.asarray(x), layout))
   for s, (x_rows, id_rows) in enumerate(zip(np.split(x, num_shards), np.split(segment_ids, num_shards))):
@@ -44,7 +44,7 @@ def test_compact_layout_holds_each_shards_real_tokens_in_order_and_pads_back(num
 
 def test_compact_layout_gradients_equal_autodiff_of_the_masked_identity():
   segment_ids = _ragged_segment_ids(seed=2)
-  layout = token_layout.make_layout(jnp.asarray(segment_ids), 2, bucketing.tokens_needed(segment_ids, 2))
+  layout = token_layout.make_layout(jnp.asarray(segment_ids), 2, token_layout.tokens_needed(segment_ids, 2))
   rng = np.random.default_rng(3)
   x, w = (jnp.asarray(rng.normal(size=segment_ids.shape + (5,)).astype(np.float32)) for _ in range(2))
   real = jnp.asarray(segment_ids != 0)[..., None]
@@ -61,12 +61,25 @@ def test_tokens_needed_counts_per_shard_and_micro_batch():
   segment_ids = np.zeros((8, 10), np.int32)
   for r, n in enumerate([10, 1, 9, 2, 3, 3, 0, 4]):
     segment_ids[r, :n] = 1
-  assert bucketing.tokens_needed(segment_ids, 1) == 32
-  assert bucketing.tokens_needed(segment_ids, 2) == 22  # rows 0-3 | rows 4-7
+  assert token_layout.tokens_needed(segment_ids, 1) == 32
+  assert token_layout.tokens_needed(segment_ids, 2) == 22  # rows 0-3 | rows 4-7
   # 2 shards x 2 micro-batches: shard 0 rows (0, 2) | (1, 3); shard 1 rows (4, 6) | (5, 7).
-  assert bucketing.tokens_needed(segment_ids, 2, num_micro_batches=2) == 19
+  assert token_layout.tokens_needed(segment_ids, 2, num_micro_batches=2) == 19
   with pytest.raises(ValueError, match="do not split"):
-    bucketing.tokens_needed(segment_ids, 3)
+    token_layout.tokens_needed(segment_ids, 3)
+
+
+def test_prefill_budget_rounds_up_per_shard_and_is_0_when_nothing_is_saved():
+  segment_ids = np.zeros((8, 10), np.int32)
+  for r, n in enumerate([10, 1, 9, 2, 3, 3, 0, 4]):
+    segment_ids[r, :n] = 1
+  assert token_layout.prefill_token_budget(segment_ids, 1, 16) == 32
+  assert token_layout.prefill_token_budget(segment_ids, 2, 16) == 32  # 22 real in shard 0 (of 40 slots) rounded up
+  assert token_layout.prefill_token_budget(segment_ids, 2, 21) == 0  # 22 rounded to 42: all 40 slots, no saving
+  assert token_layout.prefill_token_budget(segment_ids, 1, 0) == 0
+  assert token_layout.prefill_token_budget(np.ones((2, 8)), 1, 4) == 0  # no padding
+  with pytest.raises(ValueError, match="granularity must be >= 0, got -1"):
+    token_layout.prefill_token_budget(segment_ids, 1, -1)
 
 
 def test_plan_step_shape_rounds_up_and_never_cuts_real_tokens():

@@ -60,14 +60,27 @@ def test_shared_prefix_length_rounds_down_and_leaves_each_row_a_token():
   assert generate_lib.shared_prefix_length(PROMPTS) == 0
 
 
+@pytest.mark.parametrize("compact", [16, 0], ids=["compact_prefill", "padded_prefill"])
 @pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
 @pytest.mark.parametrize("prompts", [PROMPTS, PREFIXED_PROMPTS], ids=["different", "shared_prefix"])
-def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prompts):
+def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prompts, compact):
   config, params = tiny_model
   got = generate_lib.generate(params, config, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
-                              layers=generate_lib.decode_layers(params) if unstack else None)
+                              layers=generate_lib.decode_layers(params) if unstack else None,
+                              compact_granularity=compact)
   for prompt, new in zip(prompts, got):
     assert new == greedy_by_full_forwards(config, params, prompt, MAX_NEW)
+
+
+def test_default_prefill_runs_on_the_real_tokens_only(tiny_model, monkeypatch):
+  # PROMPTS fill 29 of 4 x 16 suffix slots: the default budget (16-token units) computes 32 of them.
+  config, params = tiny_model
+  budgets = []
+  budget = generate_lib.token_layout.prefill_token_budget
+  monkeypatch.setattr(generate_lib.token_layout, "prefill_token_budget",
+                      lambda *args: budgets.append(budget(*args)) or budgets[-1])
+  generate_lib.generate(params, config, PROMPTS, max_new_tokens=2, stop_ids=[], batch_size=4)
+  assert budgets == [32]
 
 
 @pytest.mark.parametrize("max_new", [1, 2])
@@ -151,6 +164,8 @@ def test_bad_generation_inputs_are_rejected(tiny_model):
     generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], top_p=0.0)
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
     generate_lib.generate(params, config, [[1]], max_new_tokens=0, stop_ids=[])
+  with pytest.raises(ValueError, match="compact_granularity must be >= 0"):
+    generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], compact_granularity=-16)
   with pytest.raises(ValueError, match="layers must be"):
     generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], layers="stacked")
   assert generate_lib.generate(params, config, [], max_new_tokens=4, stop_ids=[]) == []

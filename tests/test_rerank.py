@@ -69,12 +69,19 @@ def test_kernel_equals_p_true_from_a_full_forward(tiny_model, token_sequences):
   np.testing.assert_allclose(normalised(got), normalised(want), atol=1e-5, rtol=0)
 
 
-def test_bucketing_batching_and_shared_prefix_do_not_change_scores(tiny_model, token_sequences):
+def test_bucketing_batching_and_shared_prefix_do_not_change_scores(tiny_model, token_sequences, monkeypatch):
   config, params = tiny_model
+  budgets = []
+  budget = rerank.token_layout.prefill_token_budget
+  monkeypatch.setattr(rerank.token_layout, "prefill_token_budget",
+                      lambda *args: budgets.append(budget(*args)) or budgets[-1])
   default = np.exp(rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS))
+  assert any(budgets)  # the default runs some batch on its real tokens only
   variants = {
       "no shared prefix, one row per batch": dict(share_prefix=False, max_batch_rows=1),
       "tiny token budget": dict(max_batch_tokens=48),
+      "padding slots computed (no compaction)": dict(compact_granularity=0),
+      "compaction in 4-token units": dict(compact_granularity=4),
       "reversed order": None,
   }
   for name, kwargs in variants.items():
@@ -142,6 +149,8 @@ def test_empty_question_or_passage_is_a_clear_error(tiny_model, smollm2_tokenize
     rerank.score_passages(params, config, smollm2_tokenizer, "  ", PASSAGES)
   with pytest.raises(ValueError, match="passage is empty"):
     rerank.score_passages(params, config, smollm2_tokenizer, QUESTION, ["fine", " "])
+  with pytest.raises(ValueError, match="compact_granularity must be >= 0"):
+    rerank.score_token_sequences(params, config, [[1, 2]], ANSWER_IDS, compact_granularity=-1)
 
 
 def test_a_question_too_long_for_the_window_is_a_clear_error(smollm2_tokenizer):

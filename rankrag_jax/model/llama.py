@@ -228,8 +228,9 @@ class Llama(nn.Module):
     tokens/positions/segment_ids: int [B, T]. Defaults: positions 0..T-1, one segment (no padding).
     With a cache, tokens are written at slots [cache["index"], cache["index"] + T). A Python-int index (static: a
     prefill) lets the queries attend block by block to the slots up to each block's end only.
-    With a `layout` (no cache; `token_layout.make_layout(segment_ids, ...)`), everything but attention runs on the
-    real tokens only; padding slots of the result are 0.
+    With a `layout` (`token_layout.make_layout(segment_ids, ...)`), everything but attention runs on the real
+    tokens only; padding slots of the result are 0 (with a cache: their keys/values are written as 0, and never
+    attended, being padding).
     """
     b, t = tokens.shape
     if positions is None:
@@ -237,8 +238,6 @@ class Llama(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
     if layout is not None:
-      if cache is not None:
-        raise ValueError("hidden_states: a token layout is for cache-free (training) passes")
       tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
     x = self.embed(tokens)
     sin, cos = rope_sin_cos(positions, self.config)
@@ -248,9 +247,10 @@ class Llama(nn.Module):
       x = self.normalize(x)
       return (x if layout is None else token_layout.to_padded(x, layout)), None
     kv_segments, mask = _cached_attention_mask(cache, segment_ids)
-    x, kv = self.layers(x, sin, cos, mask, None, cache["index"], {"k": cache["k"], "v": cache["v"]})
+    x, kv = self.layers(x, sin, cos, mask, layout, cache["index"], {"k": cache["k"], "v": cache["v"]})
     new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "index": cache["index"] + t}
-    return self.normalize(x), new_cache
+    x = self.normalize(x)
+    return (x if layout is None else token_layout.to_padded(x, layout)), new_cache
 
   def logits_from_hidden(self, hidden: Array, vocab_ids: Array | None = None) -> Array:
     """Projects hidden [..., D] to f32 logits [..., V], or only onto the vocabulary rows `vocab_ids` [n]."""
@@ -299,23 +299,28 @@ def unstack_layers(params: dict) -> list[dict]:
 
 
 def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
-                            segment_ids: Array, cache: dict) -> tuple[Array, dict]:
+                            segment_ids: Array, cache: dict, layout: token_layout.TokenLayout | None = None
+                            ) -> tuple[Array, dict]:
   """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`.
 
   For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
   the stack (XLA:CPU copies them, ~40% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
   """
   model = Llama(config)
+  kv_segments, mask = _cached_attention_mask(cache, segment_ids)
+  new_index = cache["index"] + tokens.shape[1]
+  if layout is not None:
+    tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
   x = model.apply({"params": params}, tokens, method=Llama.embed)
   sin, cos = rope_sin_cos(positions, config)
-  kv_segments, mask = _cached_attention_mask(cache, segment_ids)
   layer, ks, vs = DecoderLayer(config), [], []
   for layer_params, k, v in zip(layers, cache["k"], cache["v"]):
-    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, None, cache["index"], {"k": k, "v": v})
+    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, layout, cache["index"], {"k": k, "v": v})
     ks.append(kv["k"])
     vs.append(kv["v"])
-  new_cache = {"k": ks, "v": vs, "segment_ids": kv_segments, "index": cache["index"] + tokens.shape[1]}
-  return model.apply({"params": params}, x, method=Llama.normalize), new_cache
+  new_cache = {"k": ks, "v": vs, "segment_ids": kv_segments, "index": new_index}
+  x = model.apply({"params": params}, x, method=Llama.normalize)
+  return (x if layout is None else token_layout.to_padded(x, layout)), new_cache
 
 
 def cache_logical_axes() -> dict:

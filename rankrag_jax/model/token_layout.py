@@ -11,9 +11,15 @@ causal blocks are per row). The two layouts are related by a bijection between r
 Shards: the compact layout keeps each data shard's tokens on that shard. Shard s holds batch rows
 [s * B / S, (s + 1) * B / S) (the data sharding of `sharding.data_sharding`), flattened to R * T = B / S * T slots.
 
-N is static (it sets the compiled shapes): the host picks it per batch (`training/bucketing.py`) from the same
-rows, so no real token is ever left out; a few buckets mean a few compiled steps.
+N is static (it sets the compiled shapes): the host picks it per batch from the same rows (`tokens_needed`;
+training: `training/bucketing.py`, prefills: `prefill_token_budget`), so no real token is ever left out; a few
+buckets mean a few compiled programs.
+
+Prefills (generation's prompts, scoring's suffixes) use the same layout with a KV cache: keys and values are
+padded back to the rows before they are written, so the cache looks as without a layout.
 """
+
+import math
 
 import flax.struct
 import jax
@@ -49,6 +55,38 @@ def make_layout(segment_ids: Array, num_shards: int, num_tokens: int) -> TokenLa
   if num_tokens > slots:  # a budget above the slot count: the extra compact tokens stay unused
     compact_slots = jnp.pad(compact_slots, ((0, 0), (0, num_tokens - slots)), constant_values=slots)
   return TokenLayout(compact_slots.astype(jnp.int32), padded_slots.astype(jnp.int32), b)
+
+
+def round_up(n: int, granularity: int, limit: int) -> int:
+  """n rounded up to a multiple of `granularity` (at least one), at most `limit`."""
+  return min(limit, max(granularity, math.ceil(n / granularity) * granularity))
+
+
+def tokens_needed(segment_ids: np.ndarray, num_shards: int, num_micro_batches: int = 1) -> int:
+  """The most real tokens any (micro-batch, data shard) of this host's [B_local, T] rows holds (host-side).
+
+  The rows split into `num_shards` contiguous blocks (this host's shards, as `make_array_from_process_local_data`
+  places them); micro-batch a of a block is its rows a, A + a, 2A + a, ... (`training.step._micro_batches` keeps
+  each shard's rows local).
+  """
+  real = np.asarray(segment_ids) != 0
+  b = real.shape[0]
+  if b % (num_shards * num_micro_batches):
+    raise ValueError(f"{b} rows do not split into {num_shards} shards x {num_micro_batches} micro-batches")
+  blocks = real.reshape(num_shards, b // num_shards, -1)
+  return int(max(blocks[:, a::num_micro_batches].sum(axis=(1, 2)).max() for a in range(num_micro_batches)))
+
+
+def prefill_token_budget(segment_ids: np.ndarray, num_shards: int, granularity: int) -> int:
+  """A prefill's static compact budget N for right-padded rows [B, T] over `num_shards` data shards: the real
+  tokens rounded up to `granularity`; 0 (run on the rows as they are) when that saves nothing or granularity is 0."""
+  if granularity < 0:
+    raise ValueError(f"compact token granularity must be >= 0, got {granularity}")
+  slots = np.size(segment_ids) // num_shards
+  if not granularity:
+    return 0
+  budget = round_up(tokens_needed(segment_ids, num_shards), granularity, slots)
+  return 0 if budget >= slots else budget
 
 
 def _take_rows(x: Array, index: Array) -> Array:

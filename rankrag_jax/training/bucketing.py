@@ -12,11 +12,12 @@ All three are exact: nothing is left out that a fixed-shape step would keep. Eac
 """
 
 import dataclasses
-import math
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+from rankrag_jax.model.token_layout import round_up, tokens_needed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,26 +25,6 @@ class StepShape:
   length: int
   num_tokens: int
   loss_positions: int
-
-
-def round_up(n: int, granularity: int, limit: int) -> int:
-  """n rounded up to a multiple of `granularity` (at least one), at most `limit`."""
-  return min(limit, max(granularity, math.ceil(n / granularity) * granularity))
-
-
-def tokens_needed(segment_ids: np.ndarray, num_shards: int, num_micro_batches: int = 1) -> int:
-  """The most real tokens any (micro-batch, data shard) of this host's [B_local, T] rows holds.
-
-  The rows split into `num_shards` contiguous blocks (this host's shards, as `make_array_from_process_local_data`
-  places them); micro-batch a of a block is its rows a, A + a, 2A + a, ... (`training.step._micro_batches` keeps
-  each shard's rows local).
-  """
-  real = np.asarray(segment_ids) != 0
-  b = real.shape[0]
-  if b % (num_shards * num_micro_batches):
-    raise ValueError(f"{b} rows do not split into {num_shards} shards x {num_micro_batches} micro-batches")
-  blocks = real.reshape(num_shards, b // num_shards, -1)
-  return int(max(blocks[:, a::num_micro_batches].sum(axis=(1, 2)).max() for a in range(num_micro_batches)))
 
 
 def plan_step_shape(local_batch: dict, *, granularity: int, local_shards: int, num_micro_batches: int = 1,
