@@ -8,7 +8,8 @@ both sides pad) are tokenised once by a `prepare` child. Both sides decode greed
 row (no stop ids, so neither stops early) in one batch:
 
   ours: `generate.generate` (one jitted prefill, the batch's common prompt prefix computed once and only the rest
-        of each prompt padded, then a `lax.while_loop` of one-token steps over an explicit per-layer KV cache and
+        of each prompt padded, its projections and MLP on the real tokens only, then a `lax.while_loop` of
+        one-token steps over an explicit per-layer KV cache and
         per-layer weights; those are made once at load by `generate.decode_layers`, as `rag.load_rag_model` does,
         so the copy is not inside the timed call);
   reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
