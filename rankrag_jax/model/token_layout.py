@@ -82,9 +82,9 @@ def prefill_token_budget(segment_ids: np.ndarray, num_shards: int, granularity: 
   tokens rounded up to `granularity`; 0 (run on the rows as they are) when that saves nothing or granularity is 0."""
   if granularity < 0:
     raise ValueError(f"compact token granularity must be >= 0, got {granularity}")
-  slots = np.size(segment_ids) // num_shards
   if not granularity:
     return 0
+  slots = np.size(segment_ids) // num_shards
   budget = round_up(tokens_needed(segment_ids, num_shards), granularity, slots)
   return 0 if budget >= slots else budget
 
