@@ -106,8 +106,9 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   Args:
     params: model parameters.
     layers: None to step the stacked layers of `params`, or per-layer copies of their weights
-      (`decode_layers(params)`) to run the layers from, with a per-layer cache. On XLA:CPU, stepping the stacked
-      layers copies every layer's weights out of the stack at each step (~40% of a batch-8 SmolLM2 step).
+      (`decode_layers(params)`) to run the layers from, with a per-layer cache and the LM head in column blocks
+      copied once per call (`_lm_head_column_blocks`). On XLA:CPU, stepping the stacked layers copies every layer's
+      weights out of the stack at each step (~40% of a batch-8 SmolLM2 step).
     config: the model's config (static).
     tokens: int32 [B, T] prompts, right-padded (pad ids are ignored).
     lengths: int32 [B] real prompt lengths (>= 1).
@@ -132,8 +133,10 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   unstack_layers = layers is not None
   if unstack_layers:  # each step reads every layer's weights and cache in place.
     forward = functools.partial(llama.unstacked_hidden_states, config, params, layers)
+    lm_head = functools.partial(_chunked_logits, config, _lm_head_column_blocks(params, config))
   else:
     forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
+    lm_head = functools.partial(model.apply, {"params": params}, method=Llama.logits_from_hidden)
   p = prefix_length
   if p:  # the rows' common prefix runs once (batch 1); its keys/values are then every row's first slots.
     cache = llama.init_cache(config, 1, prompt_len + max_new_tokens, per_layer=unstack_layers)
@@ -147,7 +150,7 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache, layout=layout)
   cache["index"] = jnp.int32(cache["index"])  # the decode loop carries it
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1 - p)[:, None, None], axis=1)[:, 0]
-  logits = model.apply({"params": params}, last_hidden, method=Llama.logits_from_hidden)
+  logits = lm_head(last_hidden)
 
   def emit(state):  # picks each running row's next token from `logits`; a row is done once it emits a stop id.
     step, cache, logits, done, new_tokens, num_new = state
@@ -158,7 +161,7 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   def emit_and_step(state):
     (step, cache, _, done, new_tokens, num_new), token = emit(state)
     hidden, cache = forward(token[:, None], (lengths + step - 1)[:, None], jnp.ones((batch, 1), jnp.int32), cache)
-    logits = model.apply({"params": params}, hidden[:, 0], method=Llama.logits_from_hidden)
+    logits = lm_head(hidden[:, 0])
     return step, cache, logits, done, new_tokens, num_new
 
   # The last token needs no forward pass: the loop stops one token early and `emit` picks it from the last logits
@@ -168,6 +171,30 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & ~jnp.all(s[3]), emit_and_step, state)
   (_, _, _, _, new_tokens, num_new), _ = emit(state)
   return new_tokens, num_new
+
+
+# Columns per block of `_lm_head_column_blocks`.
+LM_HEAD_BLOCK = 1536
+
+
+def _lm_head_column_blocks(params: dict, config: LlamaConfig) -> list[Array]:
+  """The output projection [D, V] as [D, LM_HEAD_BLOCK] column blocks, copied once before a decode loop.
+
+  Why: XLA:CPU streams a [B, D] x [D, V] product with few rows through one core at ~8.5 GB/s, whether the weights
+  are the tied [V, D] table or a [D, V] kernel, and blocks of 1,536 columns at ~14 GB/s: SmolLM2's LM head takes
+  ~8 instead of ~13 ms per batch-8 decode step (bench/README.md).
+  """
+  if config.tie_word_embeddings:
+    weights = params["embed_tokens"]["embedding"].T
+  else:
+    weights = params["lm_head"]["kernel"]
+  return [weights[:, start:start + LM_HEAD_BLOCK] for start in range(0, config.vocab_size, LM_HEAD_BLOCK)]
+
+
+def _chunked_logits(config: LlamaConfig, blocks: list[Array], hidden: Array) -> Array:
+  """`Llama.logits_from_hidden` of hidden [B, D] from `_lm_head_column_blocks`: f32 logits [B, V]."""
+  hidden = hidden.astype(config.dtype)
+  return jnp.concatenate([hidden @ block.astype(config.dtype) for block in blocks], axis=-1).astype(jnp.float32)
 
 
 def _broadcast_rows(cache: dict, batch: int) -> dict:

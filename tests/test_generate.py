@@ -5,6 +5,7 @@ import functools
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from rankrag_jax import generate as generate_lib
@@ -70,6 +71,22 @@ def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prom
                               compact_granularity=compact)
   for prompt, new in zip(prompts, got):
     assert new == greedy_by_full_forwards(config, params, prompt, MAX_NEW)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied_embeddings"])
+def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch):
+  # Per-layer weights decode with the output projection in column blocks: 256 = 100 + 100 + 56 columns here.
+  monkeypatch.setattr(generate_lib, "LM_HEAD_BLOCK", 100)
+  config = config_lib.tiny(tie_word_embeddings=tied)
+  params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(1))
+  blocks = generate_lib._lm_head_column_blocks(params, config)
+  assert [b.shape for b in blocks] == [(64, 100), (64, 100), (64, 56)]
+  hidden = jax.random.normal(jax.random.key(2), (3, config.hidden_size))
+  want = llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden)
+  np.testing.assert_allclose(generate_lib._chunked_logits(config, blocks, hidden), want, rtol=1e-5, atol=1e-5)
+  got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=6, stop_ids=[], batch_size=4,
+                              layers=generate_lib.decode_layers(params))
+  assert got == [greedy_by_full_forwards(config, params, prompt, 6) for prompt in PREFIXED_PROMPTS]
 
 
 def test_default_prefill_runs_on_the_real_tokens_only(tiny_model, monkeypatch):
