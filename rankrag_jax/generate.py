@@ -133,7 +133,7 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   unstack_layers = layers is not None
   if unstack_layers:  # each step reads every layer's weights and cache in place.
     forward = functools.partial(llama.unstacked_hidden_states, config, params, layers)
-    lm_head = functools.partial(_chunked_logits, config, _lm_head_column_blocks(params, config))
+    lm_head = functools.partial(_logits_from_column_blocks, config, _lm_head_column_blocks(params, config))
   else:
     forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
     lm_head = functools.partial(model.apply, {"params": params}, method=Llama.logits_from_hidden)
@@ -191,7 +191,7 @@ def _lm_head_column_blocks(params: dict, config: LlamaConfig) -> list[Array]:
   return [weights[:, start:start + LM_HEAD_BLOCK] for start in range(0, config.vocab_size, LM_HEAD_BLOCK)]
 
 
-def _chunked_logits(config: LlamaConfig, blocks: list[Array], hidden: Array) -> Array:
+def _logits_from_column_blocks(config: LlamaConfig, blocks: list[Array], hidden: Array) -> Array:
   """`Llama.logits_from_hidden` of hidden [B, D] from `_lm_head_column_blocks`: f32 logits [B, V]."""
   hidden = hidden.astype(config.dtype)
   return jnp.concatenate([hidden @ block.astype(config.dtype) for block in blocks], axis=-1).astype(jnp.float32)

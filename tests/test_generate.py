@@ -83,7 +83,7 @@ def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch):
   assert [b.shape for b in blocks] == [(64, 100), (64, 100), (64, 56)]
   hidden = jax.random.normal(jax.random.key(2), (3, config.hidden_size))
   want = llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden)
-  np.testing.assert_allclose(generate_lib._chunked_logits(config, blocks, hidden), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(generate_lib._logits_from_column_blocks(config, blocks, hidden), want, rtol=1e-5, atol=1e-5)
   got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=6, stop_ids=[], batch_size=4,
                               layers=generate_lib.decode_layers(params))
   assert got == [greedy_by_full_forwards(config, params, prompt, 6) for prompt in PREFIXED_PROMPTS]
