@@ -74,9 +74,13 @@ def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prom
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied_embeddings"])
-def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch):
+def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch, request):
   # Per-layer weights decode with the output projection in column blocks: 256 = 100 + 100 + 56 columns here.
+  # jax reuses a function's traced program whatever module constants say: clear traces so generate sees 100, and
+  # again afterwards so no later test gets the 100-column program.
   monkeypatch.setattr(generate_lib, "LM_HEAD_BLOCK", 100)
+  jax.clear_caches()
+  request.addfinalizer(jax.clear_caches)
   config = config_lib.tiny(tie_word_embeddings=tied)
   params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(1))
   blocks = generate_lib._lm_head_column_blocks(params, config)
