@@ -141,15 +141,18 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   if p:  # the rows' common prefix runs once (batch 1); its keys/values are then every row's first slots.
     cache = llama.init_cache(config, 1, prompt_len + max_new_tokens, per_layer=unstack_layers)
     cache["index"] = 0  # static during the prefill: it attends block by block (ops.prefill_blockwise_attention)
-    _, cache = forward(tokens[:1, :p], positions[:1, :p], segment_ids[:1, :p], cache)
+    _, cache = forward(tokens[:1, :p], positions[:1, :p], segment_ids[:1, :p], cache,
+                       output_slots=jnp.full((1, 1), p - 1, jnp.int32))  # only its cache is used
     cache = _broadcast_rows(cache, batch)
   else:
     cache = llama.init_cache(config, batch, prompt_len + max_new_tokens, per_layer=unstack_layers)
     cache["index"] = 0
   layout = token_layout.make_layout(segment_ids[:, p:], num_shards, num_tokens) if num_tokens else None
-  hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache, layout=layout)
+  # Only each prompt's last token needs logits: the last layer runs its queries and MLP there only.
+  hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache, layout=layout,
+                          output_slots=(lengths - 1 - p)[:, None])
   cache["index"] = jnp.int32(cache["index"])  # the decode loop carries it
-  last_hidden = jnp.take_along_axis(hidden, (lengths - 1 - p)[:, None, None], axis=1)[:, 0]
+  last_hidden = hidden[:, 0]
   logits = lm_head(last_hidden)
 
   def emit(state):  # picks each running row's next token from `logits`; a row is done once it emits a stop id.

@@ -11,6 +11,7 @@ import pytest
 from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
+from rankrag_jax.model import token_layout
 
 ATOL = 1e-5
 
@@ -76,6 +77,32 @@ def test_unstacked_layers_with_per_layer_cache_equal_the_scanned_forward(tiny, r
     pieces.append(llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden))
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=ATOL)
   assert int(cache["index"]) == 12 and len(cache["k"]) == config.num_layers
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["rows", "compact_layout"])
+def test_last_layer_at_output_slots_only_equals_the_full_forward_there(tiny, compact):
+  # A prefill of right-padded rows after a 3-token prefix; outputs wanted at each row's last token and one more.
+  config, params = tiny
+  tokens = _tokens(11, (2, 9))
+  segment_ids = jnp.array([[1] * 9, [1] * 6 + [0] * 3], jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(3, 12, dtype=jnp.int32), (2, 9))
+  slots = jnp.array([[8, 2], [5, 0]], jnp.int32)
+  layout = token_layout.make_layout(segment_ids, 2, 9) if compact else None
+  prefix_cache = lambda per_layer: llama.init_cache(config, 2, 14, per_layer=per_layer) | {"index": 3}
+  model = llama.Llama(config)
+  full, full_cache = model.apply({"params": params}, tokens, positions, segment_ids, prefix_cache(False),
+                                 layout=layout, method=llama.Llama.hidden_states)
+  expected = np.take_along_axis(np.asarray(full), np.asarray(slots)[..., None], axis=1)
+  stacked, _ = model.apply({"params": params}, tokens, positions, segment_ids, prefix_cache(False), layout=layout,
+                           output_slots=slots, method=llama.Llama.hidden_states)
+  pruned, cache = llama.unstacked_hidden_states(config, params, llama.unstack_layers(params), tokens, positions,
+                                                segment_ids, prefix_cache(True), layout=layout, output_slots=slots)
+  assert pruned.shape == stacked.shape == (2, 2, config.hidden_size)
+  np.testing.assert_allclose(stacked, expected, atol=ATOL)
+  np.testing.assert_allclose(pruned, expected, atol=ATOL)
+  # The last layer still wrote every token's keys and values (the decode steps attend to them).
+  np.testing.assert_allclose(np.stack(cache["k"]), full_cache["k"], atol=ATOL)
+  np.testing.assert_allclose(np.stack(cache["v"]), full_cache["v"], atol=ATOL)
 
 
 def test_greedy_kv_cache_decoding_equals_repeated_full_forwards(tiny):

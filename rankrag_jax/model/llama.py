@@ -107,22 +107,29 @@ class Attention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None, layout=None):
+  def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None, layout=None, query_slots=None):
+    """With `query_slots` [B, K] (needs a cache): keys and values of every token, queries (and the output
+    [B, K, ...]) only at those row slots."""
     cfg = self.config
     dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg))
+    q_x, q_sin, q_cos = x, sin, cos
+    if query_slots is not None:
+      q_x, q_sin, q_cos = (token_layout.take_slots(a, query_slots, layout) for a in (x, sin, cos))
+      mask = jnp.take_along_axis(mask, query_slots[:, None, :, None], axis=2)
     q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
-              name="q_proj")(x)
+              name="q_proj")(q_x)
     k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
               name="k_proj")(x)
     v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
               name="v_proj")(x)
-    q = nn.with_logical_constraint(apply_rope(q, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_HEADS,
-                                                               axes.ACT_HEAD_DIM))
+    q = nn.with_logical_constraint(apply_rope(q, q_sin, q_cos), (axes.BATCH, axes.LENGTH, axes.ACT_HEADS,
+                                                                   axes.ACT_HEAD_DIM))
     k = nn.with_logical_constraint(apply_rope(k, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS,
                                                                axes.ACT_HEAD_DIM))
     new_cache = None
     if layout is not None:  # the projections ran on the compact real tokens; attention runs on the rows.
-      q, k, v = (token_layout.to_padded(a, layout) for a in (q, k, v))
+      k, v = token_layout.to_padded(k, layout), token_layout.to_padded(v, layout)
+      q = q if query_slots is not None else token_layout.to_padded(q, layout)
     if kv_cache is not None:
       # Write this call's keys/values at slots [index, index + T) of the heads-major cache, attend over all of it.
       write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
@@ -130,7 +137,7 @@ class Attention(nn.Module):
       k_all, v_all = write(kv_cache["k"], k), write(kv_cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
       k_all, v_all = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
-      if isinstance(cache_index, int) and q.shape[1] > ops.PREFILL_QUERY_BLOCK:  # a prefill at a static slot
+      if isinstance(cache_index, int) and q.shape[1] > ops.PREFILL_QUERY_BLOCK and query_slots is None:
         out = ops.prefill_blockwise_attention(q, k_all, v_all, mask, cache_index, ops.PREFILL_QUERY_BLOCK)
       else:
         out = ops.cached_attention(q, k_all, v_all, mask)
@@ -138,7 +145,7 @@ class Attention(nn.Module):
       out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
     else:  # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    if layout is not None:
+    if layout is not None and query_slots is None:
       out = token_layout.to_compact(out, layout)
     out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM))
     out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init((axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
@@ -160,15 +167,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block; the scan body. Returns (x, per-layer cache) as nn.scan expects (carry, ys)."""
+  """One pre-norm block; the scan body. Returns (x, per-layer cache) as nn.scan expects (carry, ys).
+
+  With `query_slots` [B, K] (the last layer, when only some positions' outputs are needed; with a cache): the
+  output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended)."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, sin, cos, mask, layout, cache_index, kv_cache):
+  def __call__(self, x, sin, cos, mask, layout, cache_index, kv_cache, query_slots=None):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     h, new_cache = Attention(cfg, name="attn")(norm(name="attn_norm")(x), sin, cos, mask, kv_cache, cache_index,
-                                               layout)
+                                               layout, query_slots)
+    if query_slots is not None:
+      x = token_layout.take_slots(x, query_slots, layout)
     x = x + h
     x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
@@ -221,9 +233,13 @@ class Llama(nn.Module):
     return self.final_norm(x)
 
   def hidden_states(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                    cache: dict | None = None, layout: token_layout.TokenLayout | None = None
-                    ) -> tuple[Array, dict | None]:
+                    cache: dict | None = None, layout: token_layout.TokenLayout | None = None,
+                    output_slots: Array | None = None) -> tuple[Array, dict | None]:
     """Final-norm hidden states [B, T, D] and the updated cache (None without one).
+
+    With `output_slots` int32 [B, K], only those row slots' hidden states [B, K, D] (gathered after the last layer:
+    `unstacked_hidden_states` runs its last layer at those slots only, but here that would need the stacked
+    weights and cache split into L-1 and 1 layers, and on XLA:CPU those copies cost what the pruning saves).
 
     tokens/positions/segment_ids: int [B, T]. Defaults: positions 0..T-1, one segment (no padding).
     With a cache, tokens are written at slots [cache["index"], cache["index"] + T). A Python-int index (static: a
@@ -241,16 +257,19 @@ class Llama(nn.Module):
       tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
     x = self.embed(tokens)
     sin, cos = rope_sin_cos(positions, self.config)
+    def output(x):
+      if output_slots is not None:
+        return token_layout.take_slots(self.normalize(x), output_slots, layout)
+      return self.normalize(x) if layout is None else token_layout.to_padded(self.normalize(x), layout)
+
     if cache is None:
       mask = attention_mask(segment_ids, segment_ids)
       x, _ = self.layers(x, sin, cos, mask, layout, None, None)
-      x = self.normalize(x)
-      return (x if layout is None else token_layout.to_padded(x, layout)), None
+      return output(x), None
     kv_segments, mask = _cached_attention_mask(cache, segment_ids)
     x, kv = self.layers(x, sin, cos, mask, layout, cache["index"], {"k": cache["k"], "v": cache["v"]})
     new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "index": cache["index"] + t}
-    x = self.normalize(x)
-    return (x if layout is None else token_layout.to_padded(x, layout)), new_cache
+    return output(x), new_cache
 
   def logits_from_hidden(self, hidden: Array, vocab_ids: Array | None = None) -> Array:
     """Projects hidden [..., D] to f32 logits [..., V], or only onto the vocabulary rows `vocab_ids` [n]."""
@@ -299,8 +318,8 @@ def unstack_layers(params: dict) -> list[dict]:
 
 
 def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
-                            segment_ids: Array, cache: dict, layout: token_layout.TokenLayout | None = None
-                            ) -> tuple[Array, dict]:
+                            segment_ids: Array, cache: dict, layout: token_layout.TokenLayout | None = None,
+                            output_slots: Array | None = None) -> tuple[Array, dict]:
   """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`.
 
   For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
@@ -314,13 +333,15 @@ def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict
   x = model.apply({"params": params}, tokens, method=Llama.embed)
   sin, cos = rope_sin_cos(positions, config)
   layer, ks, vs = DecoderLayer(config), [], []
-  for layer_params, k, v in zip(layers, cache["k"], cache["v"]):
-    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, layout, cache["index"], {"k": k, "v": v})
+  for i, (layer_params, k, v) in enumerate(zip(layers, cache["k"], cache["v"])):
+    query_slots = output_slots if i == len(layers) - 1 else None
+    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, layout, cache["index"], {"k": k, "v": v},
+                        query_slots)
     ks.append(kv["k"])
     vs.append(kv["v"])
   new_cache = {"k": ks, "v": vs, "segment_ids": kv_segments, "index": new_index}
   x = model.apply({"params": params}, x, method=Llama.normalize)
-  return (x if layout is None else token_layout.to_padded(x, layout)), new_cache
+  return (x if layout is None or output_slots is not None else token_layout.to_padded(x, layout)), new_cache
 
 
 def cache_logical_axes() -> dict:

@@ -137,3 +137,14 @@ def to_padded(x: Array, layout: TokenLayout) -> Array:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     return _pad(x, layout)
   return _to_padded(x, layout)
+
+
+def take_slots(x: Array, slots: Array, layout: TokenLayout | None = None) -> Array:
+  """x at the row slots `slots` int32 [B, K] -> [B, K, ...]: x is [B, T, ...], or compact [S, N, ...] under
+  `layout` (a padding slot gives 0). Each row's gather stays on its data shard."""
+  if layout is None:
+    return jnp.take_along_axis(x, slots.reshape(slots.shape + (1,) * (x.ndim - 2)), axis=1)
+  b, k = slots.shape
+  shards = layout.padded_slots.shape[0]
+  compact_index = jnp.take_along_axis(layout.padded_slots.reshape(b, -1), slots, axis=1)  # [B, K], N = padding
+  return _take_rows(x, compact_index.reshape(shards, -1)).reshape((b, k) + x.shape[2:])
