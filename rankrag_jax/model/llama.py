@@ -79,10 +79,15 @@ def rope_sin_cos(positions: Array, config: LlamaConfig) -> tuple[Array, Array]:
 
 
 def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
-  """x: [B, T, H, D]; rotates pairs (i, i + D/2), HF's rotate_half convention."""
-  half = x.shape[-1] // 2
+  """x: [B, T, H, D]; rotates pairs (i, i + D/2), HF's rotate_half convention.
+
+  rotate_half(x) = [-x2, x1] as the two halves flipped and signed, rather than sliced and concatenated: the same
+  values, but its gradient (fused by XLA:CPU into the q/k weight gradients' transposes) has no slices or
+  concatenation in it: a 4 x 512 SmolLM2 train step ~1.5% faster (bench/README.md)."""
+  *lead, d = x.shape
   x32 = x.astype(jnp.float32)
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  halves = x32.reshape(*lead, 2, d // 2)
+  rotated = (jnp.flip(halves, axis=-2) * jnp.array([[-1.0], [1.0]], jnp.float32)).reshape(x.shape)
   out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
   return out.astype(x.dtype)
 
