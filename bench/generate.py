@@ -44,10 +44,13 @@ def side_prepare(args) -> dict:
           "prompt_tokens_mean": sum(lengths) / len(lengths)}
 
 
-def generation_flops(config, sequences, new_tokens: int, shared_prefix: int = 0) -> float:
+def generation_flops(config, sequences, new_tokens: int, shared_prefix: int = 0,
+                     last_layer_at_last_token: bool = False) -> float:
   """Matmul FLOPs of a cached greedy decode: every prompt token once, then each new token attending to its
   context, and the LM head at the last prompt token and every new token (padding not counted). With
-  `shared_prefix`, the first that many tokens count once for all sequences (what our generate executes)."""
+  `shared_prefix`, the first that many tokens count once for all sequences, and with `last_layer_at_last_token`
+  the last layer's queries, attention, output projection and MLP run only at the prefix's and each prompt's last
+  token (what our generate executes)."""
   n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size
   attn = lambda context: 2 * 2 * context * config.num_heads * config.head_dim * config.num_layers
   head = 2 * config.hidden_size * config.vocab_size
@@ -56,6 +59,11 @@ def generation_flops(config, sequences, new_tokens: int, shared_prefix: int = 0)
     flops += sum(2 * n_layer_params + attn(i + 1) for i in range(len(s) + new_tokens - 1))
     flops += new_tokens * head
   flops -= (len(sequences) - 1) * sum(2 * n_layer_params + attn(i + 1) for i in range(shared_prefix))
+  if last_layer_at_last_token:
+    query_side = 2 * config.hidden_size * (2 * config.num_heads * config.head_dim + 3 * config.intermediate_size)
+    skipped = lambda i: query_side + attn(i + 1) / config.num_layers
+    flops -= sum(skipped(i) for i in range(shared_prefix - 1))
+    flops -= sum(skipped(i) for s in sequences for i in range(shared_prefix, len(s) - 1))
   return flops
 
 
@@ -64,7 +72,7 @@ def generation_lower_bound(config, sequences, new_tokens: int, shared_prefix: in
   """Seconds our generate would take at the probes' limits: the prefill's executed FLOPs at `flops_per_s`, then
   each decode step at the slower of its FLOPs and its reads (every f32 weight once, each row's KV cache) at
   `bytes_per_s`."""
-  prefill = generation_flops(config, sequences, 1, shared_prefix)
+  prefill = generation_flops(config, sequences, 1, shared_prefix, last_layer_at_last_token=True)
   kv_bytes_per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
   seconds = prefill / flops_per_s
   for step in range(1, new_tokens):
@@ -97,7 +105,8 @@ def side_ours(args) -> dict:
   shared = generate.shared_prefix_length(sequences, generate.PREFIX_MULTIPLE) if len(sequences) <= args.batch else 0
   return {"seconds": times, "prefill_seconds": prefill_times, "probe_flops": probe, "load": load,
           "tokens": out, "flops": generation_flops(config, sequences, args.new_tokens),
-          "executed_flops": generation_flops(config, sequences, args.new_tokens, shared), "shared_prefix": shared,
+          "executed_flops": generation_flops(config, sequences, args.new_tokens, shared, last_layer_at_last_token=True),
+          "shared_prefix": shared,
           "bandwidth": bandwidth, "lower_bound_seconds": generation_lower_bound(
               config, sequences, args.new_tokens, shared, probe, bandwidth)}
 

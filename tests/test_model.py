@@ -81,7 +81,7 @@ def test_unstacked_layers_with_per_layer_cache_equal_the_scanned_forward(tiny, r
 
 @pytest.mark.parametrize("compact", [False, True], ids=["rows", "compact_layout"])
 def test_last_layer_at_output_slots_only_equals_the_full_forward_there(tiny, compact):
-  # A prefill of right-padded rows after a 3-token prefix; outputs wanted at each row's last token and one more.
+  # A prefill of right-padded rows written after 3 cache slots; outputs wanted at each row's last token and one more.
   config, params = tiny
   tokens = _tokens(11, (2, 9))
   segment_ids = jnp.array([[1] * 9, [1] * 6 + [0] * 3], jnp.int32)

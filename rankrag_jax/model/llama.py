@@ -262,6 +262,7 @@ class Llama(nn.Module):
       tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
     x = self.embed(tokens)
     sin, cos = rope_sin_cos(positions, self.config)
+
     def output(x):
       if output_slots is not None:
         return token_layout.take_slots(self.normalize(x), output_slots, layout)
