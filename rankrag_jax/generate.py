@@ -148,7 +148,8 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
     cache = llama.init_cache(config, batch, prompt_len + max_new_tokens, per_layer=unstack_layers)
     cache["index"] = 0
   layout = token_layout.make_layout(segment_ids[:, p:], num_shards, num_tokens) if num_tokens else None
-  # Only each prompt's last token needs logits: the last layer runs its queries and MLP there only.
+  # Only each prompt's last token needs logits: with per-layer weights the last layer runs its queries and MLP
+  # there only (the stacked layers gather it after the last layer).
   hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache, layout=layout,
                           output_slots=(lengths - 1 - p)[:, None])
   cache["index"] = jnp.int32(cache["index"])  # the decode loop carries it

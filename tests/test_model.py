@@ -105,6 +105,16 @@ def test_last_layer_at_output_slots_only_equals_the_full_forward_there(tiny, com
   np.testing.assert_allclose(np.stack(cache["v"]), full_cache["v"], atol=ATOL)
 
 
+def test_query_slots_without_a_cache_are_refused(tiny):
+  config, params = tiny
+  x = jnp.zeros((1, 4, config.hidden_size))
+  sin, cos = llama.rope_sin_cos(jnp.arange(4)[None], config)
+  mask = llama.attention_mask(jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  layer_params = llama.unstack_layers(params)[0]["attn"]
+  with pytest.raises(ValueError, match="query_slots needs a KV cache"):
+    llama.Attention(config).apply({"params": layer_params}, x, sin, cos, mask, query_slots=jnp.zeros((1, 1), jnp.int32))
+
+
 def test_greedy_kv_cache_decoding_equals_repeated_full_forwards(tiny):
   config, params = tiny
   prompt = _tokens(2, (1, 5))

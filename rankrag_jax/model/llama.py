@@ -116,6 +116,8 @@ class Attention(nn.Module):
     """With `query_slots` [B, K] (needs a cache): keys and values of every token, queries (and the output
     [B, K, ...]) only at those row slots."""
     cfg = self.config
+    if query_slots is not None and kv_cache is None:
+      raise ValueError("Attention: query_slots needs a KV cache (the cache-free attention paths take every query)")
     dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg))
     q_x, q_sin, q_cos = x, sin, cos
     if query_slots is not None:
@@ -263,9 +265,9 @@ class Llama(nn.Module):
     x = self.embed(tokens)
     sin, cos = rope_sin_cos(positions, self.config)
 
-    def output(x):
+    def output(x):  # the final norm is per token: gather the requested slots first
       if output_slots is not None:
-        return token_layout.take_slots(self.normalize(x), output_slots, layout)
+        return self.normalize(token_layout.take_slots(x, output_slots, layout))
       return self.normalize(x) if layout is None else token_layout.to_padded(self.normalize(x), layout)
 
     if cache is None:

@@ -141,7 +141,7 @@ def to_padded(x: Array, layout: TokenLayout) -> Array:
 
 def take_slots(x: Array, slots: Array, layout: TokenLayout | None = None) -> Array:
   """x at the row slots `slots` int32 [B, K] -> [B, K, ...]: x is [B, T, ...], or compact [S, N, ...] under
-  `layout` (a padding slot gives 0). Each row's gather stays on its data shard."""
+  `layout` (where a padding slot gives 0). Each row's gather stays on its data shard."""
   if layout is None:
     return jnp.take_along_axis(x, slots.reshape(slots.shape + (1,) * (x.ndim - 2)), axis=1)
   b, k = slots.shape
