@@ -86,8 +86,8 @@ def executed_train_flops(config, batch: int, length: int, num_tokens: int, loss_
                          remat: str) -> float:
   """Matmul FLOPs our step executes on a [batch, length] batch whose per-token work runs on `num_tokens` slots
   (all batch * length without token compaction): 3 x 2 N per token slot (4 x with full remat), attention over the
-  causal query blocks it computes on the rows (forward, its recomputation under any remat, backward = 2 x
-  forward), and the LM head at loss_positions positions per row. The ceiling is this at 100% of the probe."""
+  causal query blocks it computes on the rows (forward, backward = 2.5 x forward with query blocks, else 2 x plus
+  the recomputation under any remat), and the LM head at loss_positions positions per row. The ceiling is this at 100% of the probe."""
   n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size
   block = query_block if 0 < query_block < length else length
   # Query block [i, i + block) is multiplied against keys [0, i + block) (the whole row without blocks).
@@ -95,7 +95,10 @@ def executed_train_flops(config, batch: int, length: int, num_tokens: int, loss_
                for start in range(0, length, block))
   attn_forward = 2 * 2 * config.num_heads * config.head_dim * config.num_layers * batch * scores
   layer_passes = 4 if remat == "full" else 3
-  attn_passes = 3 if remat == "none" else 4
+  if block < length:  # ops.block_attention: 2 products forward, 5 backward (the scores recomputed), none redone
+    attn_passes = 3.5 + (remat == "full")  # under 'dots' remat (it keeps the output and softmax statistics)
+  else:
+    attn_passes = 3 if remat == "none" else 4
   head = 3 * 2 * config.hidden_size * config.vocab_size * batch * min(loss_positions, length)
   return layer_passes * 2 * n_layer_params * num_tokens + attn_passes * attn_forward + head
 

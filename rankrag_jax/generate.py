@@ -224,10 +224,10 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], multiple: int = 1) 
 
 @functools.cache
 def _jitted_decode_batch(backend: str):
-  """decode_batch jitted for `backend`; on CPU with `inference_compiler_options`."""
+  """decode_batch jitted for `backend`; on CPU with `compiler_options`."""
   return jax.jit(decode_batch, static_argnames=("config", "max_new_tokens", "sample", "prefix_length", "num_tokens",
                                   "num_shards"),
-                 compiler_options=ops.inference_compiler_options(backend))
+                 compiler_options=ops.compiler_options(backend))
 
 
 @gin.configurable(denylist=["params"])

@@ -93,7 +93,7 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
 
 @functools.cache
 def _jitted(fn: Callable, backend: str, static_argnames: tuple[str, ...] = ("config",)) -> Callable:
-  return jax.jit(fn, static_argnames=static_argnames, compiler_options=ops.inference_compiler_options(backend))
+  return jax.jit(fn, static_argnames=static_argnames, compiler_options=ops.compiler_options(backend))
 
 
 def suffix_bucket(length: int, multiple: int = 16) -> int:

@@ -1,7 +1,9 @@
 """The Flax Llama's own contracts on a tiny config: KV cache, padding, packing, scan, remat, tied head, RoPE."""
 
+import contextlib
 import dataclasses
 import functools
+import io
 
 import jax
 import jax.numpy as jnp
@@ -207,6 +209,41 @@ def test_cpu_reformulations_equal_the_plain_model_on_packed_padded_rows(tiny, ov
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), block_grads, grads)
 
 
+def test_block_attention_backward_equals_autodiff_of_the_softmax_form():
+  # Packed segments, a padding row tail (queries that see no key: the forward averages the values uniformly) and
+  # GQA; 3 query blocks of 4 over 11 slots. The reference differentiates `cached_attention` (jax.nn.softmax) per
+  # block; the cotangent is random everywhere, padding included, so every branch of the custom backward counts.
+  rng = np.random.default_rng(2)
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3], [1] * 7 + [0] * 4], jnp.int32)
+  mask = llama.attention_mask(segment_ids, segment_ids)
+  q = jnp.asarray(rng.normal(size=(2, 11, 6, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 8)), jnp.float32) for _ in range(2))
+  d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def softmax_blocks(q, k, v):
+    keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    return jnp.concatenate([ops.cached_attention(q[:, a:a + 4], keys[:, :, :a + 4], values[:, :, :a + 4],
+                                                 mask[:, :, a:a + 4, :a + 4]) for a in range(0, 11, 4)], axis=1)
+
+  out, vjp = jax.vjp(lambda q, k, v: ops.causal_blockwise_attention(q, k, v, mask, 4), q, k, v)
+  expected, expected_vjp = jax.vjp(softmax_blocks, q, k, v)
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+  for got, want in zip(vjp(d_out), expected_vjp(d_out)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_dots_remat_keeps_the_block_attention_statistics():
+  # Saved (not recomputed in the backward pass): the output and softmax row statistics of every query block.
+  q, k = jnp.ones((1, 8, 4, 8)), jnp.ones((1, 8, 2, 8))
+  mask = jnp.tril(jnp.ones((8, 8), bool))[None, None]
+  layer = jax.checkpoint(lambda q, k: ops.causal_blockwise_attention(q, k, k, mask, 4),
+                         policy=llama._REMAT_POLICIES["dots"])  # pylint: disable=protected-access
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    jax.ad_checkpoint.print_saved_residuals(layer, q, k)
+  for name in ops.ATTENTION_RESIDUALS:
+    assert printed.getvalue().count(f"named '{name}'") == 2, printed.getvalue()
+
+
 @pytest.mark.parametrize("queries", [1, 5], ids=["decode_step", "prefill"])
 def test_cached_attention_equals_dot_product_attention_on_the_usual_layout(queries):
   # GQA (6 query heads over 2 kv heads), a mask with holes; the cache is heads-major [B, Kh, S, D].
@@ -236,8 +273,10 @@ def test_prefill_blockwise_attention_equals_cached_attention_for_real_queries():
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_changes_neither_values_nor_grads(tiny, policy):
+@pytest.mark.parametrize("query_block", [0, 4], ids=["plain_attention", "block_attention"])
+def test_remat_changes_neither_values_nor_grads(tiny, policy, query_block):
   config, params = tiny
+  config = dataclasses.replace(config, attention_query_block=query_block)
   tokens = _tokens(8, (2, 9))
   value, grads = _value_and_grad(params, config, tokens)
   remat_value, remat_grads = _value_and_grad(params, dataclasses.replace(config, remat_policy=policy), tokens)

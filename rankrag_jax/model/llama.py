@@ -207,7 +207,11 @@ class LMHeadKernel(nn.Module):
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # The projections' outputs, and the blockwise attention's output and softmax statistics (CPU training form,
+    # `ops.block_attention`) so that its backward pass needs no forward recomputation.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        jax.checkpoint_policies.save_only_these_names(*ops.ATTENTION_RESIDUALS)),
 }
 
 

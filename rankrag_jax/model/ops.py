@@ -6,8 +6,32 @@ forms well.
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
+
+_LOWEST = jnp.finfo(jnp.float32).min
+# Names of the training attention's saved softmax statistics and output (`block_attention`); remat policies that
+# keep them spare the backward pass a forward recomputation (llama._REMAT_POLICIES).
+ATTENTION_RESIDUALS = ("attention_out", "attention_row_max", "attention_row_sum")
+
+
+def _grouped_queries(q: Array, kv_heads: int) -> Array:
+  """[B, T, H, D] -> [B, Kh, G * T, D]: each kv head's G query heads x T queries as one matrix."""
+  b, t, h, d = q.shape
+  return q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, -1, d)
+
+
+def _ungrouped(out: Array, t: int) -> Array:
+  """The inverse of `_grouped_queries`: [B, Kh, G * T, D] -> [B, T, H, D]."""
+  b, kv_heads, _, d = out.shape
+  return out.reshape(b, kv_heads, -1, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, -1, d)
+
+
+def _grouped_mask(mask: Array, group: int) -> Array:
+  """[B, 1, T, S] -> [B, 1, G * T, S], the rows of `_grouped_queries`."""
+  b, _, t, s = mask.shape
+  return jnp.broadcast_to(mask[:, :, None], (b, 1, group, t, s)).reshape(b, 1, group * t, s)
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -18,24 +42,22 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   x T queries form one [G * T, D] matrix. On XLA:CPU, the usual [B, S, Kh, D] cache made these batched products
   strided (decode step ~73 -> ~64 ms, prefill ~3.05 -> ~2.82 s for SmolLM2 at batch 8; bench/README.md).
   """
-  b, t, h, d = q.shape
-  kv_heads, s = k.shape[1], k.shape[2]
-  group = h // kv_heads
-  queries = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, group * t, d)
-  visible = jnp.broadcast_to(mask[:, :, None], (b, 1, group, t, s)).reshape(b, 1, group * t, s)
+  t, d = q.shape[1], q.shape[3]
+  kv_heads = k.shape[1]
+  queries = _grouped_queries(q, kv_heads)
+  visible = _grouped_mask(mask, q.shape[2] // kv_heads)
   scale = 1 / jnp.sqrt(jnp.float32(d))
-  lowest = jnp.finfo(jnp.float32).min
   if t == 1:  # a decode step: XLA:CPU runs the [S, D] x [D, G] products faster keys-major ([S, G] scores).
     scores = jnp.einsum("bksd,bkqd->bksq", k, queries, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(jnp.swapaxes(visible, 2, 3), scores, lowest)
+    scores = jnp.where(jnp.swapaxes(visible, 2, 3), scores, _LOWEST)
     probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
     out = jnp.einsum("bksq,bksd->bkqd", probs, v)
   else:
     scores = jnp.einsum("bkqd,bksd->bkqs", queries, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(visible, scores, lowest)
+    scores = jnp.where(visible, scores, _LOWEST)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
-  return out.reshape(b, kv_heads, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+  return _ungrouped(out, t)
 
 
 # Query block of `prefill_blockwise_attention`.
@@ -57,16 +79,65 @@ def prefill_blockwise_attention(q: Array, k: Array, v: Array, mask: Array, start
   return jnp.concatenate(outputs, axis=1)
 
 
+def _block_attention_forward(queries: Array, keys: Array, values: Array, visible: Array):
+  """Grouped queries [B, Kh, M, D] over keys/values [B, Kh, S, D] under visible [B, 1, M, S]: the output and the
+  softmax's row max and row sum [B, Kh, M]. The output is normalised after the value product ([M, D], not [M, S])."""
+  scale = 1 / jnp.sqrt(jnp.float32(queries.shape[-1]))
+  scores = jnp.where(visible, jnp.einsum("bkqd,bksd->bkqs", queries, keys) * scale, _LOWEST)
+  row_max = jnp.max(scores, axis=-1)
+  weights = jnp.exp(scores - row_max[..., None])
+  row_sum = jnp.sum(weights, axis=-1)
+  return jnp.einsum("bkqs,bksd->bkqd", weights, values) / row_sum[..., None], row_max, row_sum
+
+
+@jax.custom_vjp
+def block_attention(queries: Array, keys: Array, values: Array, visible: Array) -> Array:
+  """Softmax attention of grouped queries (see `_block_attention_forward`), with a FlashAttention-style backward
+  pass: it recomputes the probabilities from the saved row max and sum rather than differentiating the softmax."""
+  return _block_attention_forward(queries, keys, values, visible)[0]
+
+
+def _block_attention_fwd(queries, keys, values, visible):
+  out, row_max, row_sum = (checkpoint_name(x, name) for x, name in
+                           zip(_block_attention_forward(queries, keys, values, visible), ATTENTION_RESIDUALS))
+  return out, (queries, keys, values, visible, out, row_max, row_sum)
+
+
+def _block_attention_bwd(residuals, d_out):
+  queries, keys, values, visible, out, row_max, row_sum = residuals
+  scale = 1 / jnp.sqrt(jnp.float32(queries.shape[-1]))
+  # Keys-major [S, M] probabilities and score gradients: the dK and dV products then contract the minor dimension
+  # of both operands. XLA:CPU runs a contraction over the leading dimension of both (queries-major scores) at
+  # about half speed (bench/README.md, session 10).
+  visible_t = jnp.swapaxes(visible, 2, 3)
+  scores_t = jnp.where(visible_t, jnp.einsum("bksd,bkqd->bksq", keys, queries) * scale, _LOWEST)
+  probs_t = jnp.exp(scores_t - row_max[:, :, None]) / row_sum[:, :, None]
+  d_probs_t = jnp.einsum("bksd,bkqd->bksq", values, d_out)
+  # sum_s P[q, s] dP[q, s] = d_out[q] . out[q], since out = P V.
+  delta = jnp.sum(d_out * out, axis=-1)
+  # where(): the forward's mask has no gradient (a row with no visible key averages the values uniformly).
+  d_scores_t = jnp.where(visible_t, probs_t * (d_probs_t - delta[:, :, None]), 0.0) * scale
+  d_values = jnp.einsum("bksq,bkqd->bksd", probs_t, d_out)
+  d_keys = jnp.einsum("bksq,bkqd->bksd", d_scores_t, queries)
+  d_queries = jnp.einsum("bksq,bksd->bkqd", d_scores_t, keys)
+  return d_queries, d_keys, d_values, None
+
+
+block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
+
+
 def causal_blockwise_attention(q: Array, k: Array, v: Array, mask: Array, query_block: int) -> Array:
-  """Attention under a cache-free causal mask [B, 1, T, T], one query block at a time.
+  """Attention under a cache-free causal mask [B, 1, T, T], one query block at a time (the training form on CPU).
 
   Block [i, i + n) only meets keys [0, i + n): every later key is masked anyway, so the result is exact while
   the upper triangle's scores, softmax and their gradients (~45% of them at 8 blocks) are never computed.
   q: [B, T, H, D]; k, v: [B, T, Kh, D] (GQA: H is a multiple of Kh). Keys and values are made heads-major once,
-  so each block runs `cached_attention`'s plain batched products (forward + backward 80 -> 65 ms per layer at
-  4 x 512 tokens on XLA:CPU).
+  so each block runs plain batched products (forward + backward 80 -> 65 ms per layer at 4 x 512 tokens on
+  XLA:CPU), and `block_attention`'s backward pass (with a remat policy that keeps ATTENTION_RESIDUALS, no
+  forward recomputation) ran 30 layers' forward + backward in 1.92 instead of 2.10-2.17 s (session 10).
   """
-  t = q.shape[1]
+  t, kv_heads = q.shape[1], k.shape[2]
+  group = q.shape[2] // kv_heads
   # Split (not slice) q, k and v: the gradients of split and concatenate are each other, where slicing's
   # gradient would pad every block to full length and add them up.
   bounds = list(range(query_block, t, query_block))
@@ -76,7 +147,9 @@ def causal_blockwise_attention(q: Array, k: Array, v: Array, mask: Array, query_
   for i, q_block in enumerate(q_blocks):
     start, end = i * query_block, min((i + 1) * query_block, t)
     keys, values = jnp.concatenate(k_blocks[:i + 1], axis=2), jnp.concatenate(v_blocks[:i + 1], axis=2)
-    outputs.append(cached_attention(q_block, keys, values, mask[:, :, start:end, :end]))
+    out = block_attention(_grouped_queries(q_block, kv_heads), keys, values,
+                          _grouped_mask(mask[:, :, start:end, :end], group))
+    outputs.append(_ungrouped(out, end - start))
   return jnp.concatenate(outputs, axis=1)
 
 
@@ -102,11 +175,12 @@ def token_flattened_dot_general(lhs: Array, rhs: Array, dimension_numbers, preci
   return out.reshape(lhs.shape[:lead] + out.shape[1:])
 
 
-def inference_compiler_options(backend: str) -> dict | None:
-  """XLA options for the jitted inference programs (scoring, generation) on `backend`.
+def compiler_options(backend: str) -> dict | None:
+  """XLA options for the jitted programs (training steps, scoring, generation) on `backend`.
 
   On CPU: XLA's own (Eigen) dots instead of the YNNPACK library fusion XLA:CPU picks by default. Decode's
-  [batch, d] x [d, f] products run ~1.7x faster, prefills ~5%; training steps run the same either way.
+  [batch, d] x [d, f] products run ~1.7x faster, prefills ~5%, and training steps with `block_attention` ~4%
+  (its batched products run at ~half speed in YNNPACK; A/B in bench/README.md, session 10).
   """
   if backend != "cpu":
     return None

@@ -18,6 +18,7 @@ import optax
 
 from rankrag_jax import sharding as sharding_lib
 from rankrag_jax.model import axes
+from rankrag_jax.model import ops
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama
 from rankrag_jax.training import loss as loss_lib
@@ -157,7 +158,7 @@ def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
 
   step_fn = jax.jit(fn, in_shardings=(state_shardings, data_shardings),
                     out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,),
-                    static_argnums=(2, 3))
+                    static_argnums=(2, 3), compiler_options=_compiler_options(mesh))
   return step_fn, state_shardings, data_shardings, abstract
 
 
@@ -165,7 +166,11 @@ def jit_eval_step(config: LlamaConfig, mesh: Mesh, rules, param_shardings, *,
                   max_loss_positions: int | None = None):
   fn = functools.partial(eval_step, model=Llama(config), max_loss_positions=max_loss_positions)
   return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, rules)),
-                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+                 out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=_compiler_options(mesh))
+
+
+def _compiler_options(mesh: Mesh) -> dict | None:
+  return ops.compiler_options(mesh.devices.flat[0].platform)
 
 
 @contextlib.contextmanager
