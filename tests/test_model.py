@@ -230,6 +230,10 @@ def test_block_attention_backward_equals_autodiff_of_the_softmax_form():
   np.testing.assert_allclose(out, expected, atol=1e-6)
   for got, want in zip(vjp(d_out), expected_vjp(d_out)):
     np.testing.assert_allclose(got, want, atol=1e-5)
+  # bf16 inputs (a TPU/GPU dtype): outputs and gradients keep it.
+  half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out, vjp = jax.vjp(lambda q, k, v: ops.causal_blockwise_attention(q, k, v, mask, 4), *half)
+  assert [g.dtype for g in (out, *vjp(d_out.astype(jnp.bfloat16)))] == [jnp.bfloat16] * 4
 
 
 def test_dots_remat_keeps_the_block_attention_statistics():

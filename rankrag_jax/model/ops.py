@@ -4,6 +4,8 @@ training forms are off by default and switched on per config (`gin_configs/cpu.g
 forms well.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -81,13 +83,16 @@ def prefill_blockwise_attention(q: Array, k: Array, v: Array, mask: Array, start
 
 def _block_attention_forward(queries: Array, keys: Array, values: Array, visible: Array):
   """Grouped queries [B, Kh, M, D] over keys/values [B, Kh, S, D] under visible [B, 1, M, S]: the output and the
-  softmax's row max and row sum [B, Kh, M]. The output is normalised after the value product ([M, D], not [M, S])."""
+  softmax's row max and row sum [B, Kh, M] (f32). The output is normalised after the value product ([M, D], not
+  [M, S])."""
   scale = 1 / jnp.sqrt(jnp.float32(queries.shape[-1]))
-  scores = jnp.where(visible, jnp.einsum("bkqd,bksd->bkqs", queries, keys) * scale, _LOWEST)
+  scores = jnp.einsum("bkqd,bksd->bkqs", queries, keys, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(visible, scores, _LOWEST)
   row_max = jnp.max(scores, axis=-1)
   weights = jnp.exp(scores - row_max[..., None])
   row_sum = jnp.sum(weights, axis=-1)
-  return jnp.einsum("bkqs,bksd->bkqd", weights, values) / row_sum[..., None], row_max, row_sum
+  out = jnp.einsum("bkqs,bksd->bkqd", weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+  return (out / row_sum[..., None]).astype(values.dtype), row_max, row_sum
 
 
 @jax.custom_vjp
@@ -109,18 +114,19 @@ def _block_attention_bwd(residuals, d_out):
   # Keys-major [S, M] probabilities and score gradients: the dK and dV products then contract the minor dimension
   # of both operands. XLA:CPU runs a contraction over the leading dimension of both (queries-major scores) at
   # about half speed (bench/README.md, session 10).
+  f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
   visible_t = jnp.swapaxes(visible, 2, 3)
-  scores_t = jnp.where(visible_t, jnp.einsum("bksd,bkqd->bksq", keys, queries) * scale, _LOWEST)
+  scores_t = jnp.where(visible_t, f32("bksd,bkqd->bksq", keys, queries) * scale, _LOWEST)
   probs_t = jnp.exp(scores_t - row_max[:, :, None]) / row_sum[:, :, None]
-  d_probs_t = jnp.einsum("bksd,bkqd->bksq", values, d_out)
+  d_probs_t = f32("bksd,bkqd->bksq", values, d_out)
   # sum_s P[q, s] dP[q, s] = d_out[q] . out[q], since out = P V.
-  delta = jnp.sum(d_out * out, axis=-1)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
   # where(): the forward's mask has no gradient (a row with no visible key averages the values uniformly).
   d_scores_t = jnp.where(visible_t, probs_t * (d_probs_t - delta[:, :, None]), 0.0) * scale
-  d_values = jnp.einsum("bksq,bkqd->bksd", probs_t, d_out)
-  d_keys = jnp.einsum("bksq,bkqd->bksd", d_scores_t, queries)
-  d_queries = jnp.einsum("bksq,bksd->bkqd", d_scores_t, keys)
-  return d_queries, d_keys, d_values, None
+  d_values = f32("bksq,bkqd->bksd", probs_t.astype(d_out.dtype), d_out)
+  d_keys = f32("bksq,bkqd->bksd", d_scores_t.astype(queries.dtype), queries)
+  d_queries = f32("bksq,bksd->bkqd", d_scores_t.astype(keys.dtype), keys)
+  return d_queries.astype(queries.dtype), d_keys.astype(keys.dtype), d_values.astype(values.dtype), None
 
 
 block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
