@@ -87,7 +87,8 @@ def executed_train_flops(config, batch: int, length: int, num_tokens: int, loss_
   """Matmul FLOPs our step executes on a [batch, length] batch whose per-token work runs on `num_tokens` slots
   (all batch * length without token compaction): 3 x 2 N per token slot (4 x with full remat), attention over the
   causal query blocks it computes on the rows (forward, backward = 2.5 x forward with query blocks, else 2 x plus
-  the recomputation under any remat), and the LM head at loss_positions positions per row. The ceiling is this at 100% of the probe."""
+  the recomputation under any remat), and the LM head at loss_positions positions per row. The ceiling is this at
+  100% of the probe."""
   n_layer_params = config.num_params - config.vocab_size * config.hidden_size - config.hidden_size
   block = query_block if 0 < query_block < length else length
   # Query block [i, i + block) is multiplied against keys [0, i + block) (the whole row without blocks).
