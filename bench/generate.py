@@ -105,7 +105,8 @@ def side_ours(args) -> dict:
   shared = generate.shared_prefix_length(sequences, generate.PREFIX_MULTIPLE) if len(sequences) <= args.batch else 0
   return {"seconds": times, "prefill_seconds": prefill_times, "probe_flops": probe, "load": load,
           "tokens": out, "flops": generation_flops(config, sequences, args.new_tokens),
-          "executed_flops": generation_flops(config, sequences, args.new_tokens, shared, last_layer_at_last_token=True),
+          "executed_flops": generation_flops(config, sequences, args.new_tokens, shared,
+                                             last_layer_at_last_token=True),
           "shared_prefix": shared,
           "bandwidth": bandwidth, "lower_bound_seconds": generation_lower_bound(
               config, sequences, args.new_tokens, shared, probe, bandwidth)}
