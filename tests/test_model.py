@@ -248,15 +248,19 @@ def test_dots_remat_keeps_the_block_attention_statistics():
     assert printed.getvalue().count(f"named '{name}'") == 2, printed.getvalue()
 
 
+@pytest.mark.parametrize("heads", [6, 2], ids=["gqa", "mha"])
 @pytest.mark.parametrize("queries", [1, 5], ids=["decode_step", "prefill"])
-def test_cached_attention_equals_dot_product_attention_on_the_usual_layout(queries):
-  # GQA (6 query heads over 2 kv heads), a mask with holes; the cache is heads-major [B, Kh, S, D].
+def test_cached_attention_equals_dot_product_attention_on_the_usual_layout(queries, heads):
+  # GQA (6 query heads over 2 kv heads) or MHA, a mask with holes; the cache is heads-major [B, Kh, S, D].
   rng = np.random.default_rng(0)
-  q = jnp.asarray(rng.normal(size=(3, queries, 6, 8)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(3, queries, heads, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(3, 2, 11, 8)), jnp.float32) for _ in range(2))
   mask = jnp.asarray(rng.random((3, 1, queries, 11)) < 0.7).at[..., 0].set(True)
   expected = jax.nn.dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask)
   np.testing.assert_allclose(ops.cached_attention(q, k, v, mask), expected, atol=1e-6)
+  np.testing.assert_allclose(ops._grouped_attention(q, k, v, mask), expected, atol=1e-6)  # the non-CPU form
+  if queries == 1:
+    np.testing.assert_allclose(ops._decode_step_attention(q, k, v, mask), expected, atol=1e-6)
 
 
 def test_prefill_blockwise_attention_equals_cached_attention_for_real_queries():
