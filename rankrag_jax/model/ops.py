@@ -43,6 +43,7 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   Why heads-major: each (row, kv head) then multiplies one contiguous [S, D] key matrix; a kv head's G query heads
   x T queries form one [G * T, D] matrix. On XLA:CPU, the usual [B, S, Kh, D] cache made these batched products
   strided (decode step ~73 -> ~64 ms, prefill ~3.05 -> ~2.82 s for SmolLM2 at batch 8; bench/README.md).
+  A decode step on the CPU backend runs per query head instead (`_decode_step_attention`).
   """
   if q.shape[1] == 1 and jax.default_backend() == "cpu":
     return _decode_step_attention(q, k, v, mask)
