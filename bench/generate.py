@@ -9,9 +9,9 @@ row (no stop ids, so neither stops early) in one batch:
 
   ours: `generate.generate` (one jitted prefill, the batch's common prompt prefix computed once and only the rest
         of each prompt padded, its projections and MLP on the real tokens only, then a `lax.while_loop` of
-        one-token steps over an explicit per-layer KV cache and
-        per-layer weights; those are made once at load by `generate.decode_layers`, as `rag.load_rag_model` does,
-        so the copy is not inside the timed call);
+        one-token steps over an explicit per-layer KV cache, per-layer weights and the LM head in column blocks;
+        those are made once at load by `generate.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
+        not inside the timed call);
   reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
         with an attention mask (transformers derives the positions from it).
 
@@ -89,13 +89,13 @@ def side_ours(args) -> dict:
   sequences = json.loads(pathlib.Path(args.data).read_text())["sequences"]
   config, params, _ = load_model(args.hf_dir)
   params = jax.device_put(params)
-  layers = generate.decode_layers(params)  # made once at load, as rag.load_rag_model does
+  weights = generate.make_decode_weights(params, config)  # made once at load, as rag.load_rag_model does
   run = lambda: generate.generate(params, config, sequences, args.new_tokens, stop_ids=[], batch_size=args.batch,
-                                  layers=layers)
+                                  decode_weights=weights)
   out = run()  # compiles
   # Prefill alone: the same jitted decode with a budget of one new token (prefill + first LM head).
   prefill = lambda: generate.generate(params, config, sequences, 1, stop_ids=[], batch_size=args.batch,
-                                      layers=layers)
+                                      decode_weights=weights)
   prefill()
   probe = common.matmul_flops_probe()
   bandwidth = common.memory_read_probe()

@@ -317,7 +317,8 @@ def run_evaluation(dataset: str = gin.REQUIRED, out_dir: str = gin.REQUIRED, tas
           records.append((example, ranked, record))
         start = time.perf_counter()
         outputs = (generate(model.params, model.config, prompt_ids, budget, model.tokenizer.stop_ids,
-                            mesh=model.mesh, layers=model.decode_layers) if generate_answers else [None] * len(chunk))
+                            mesh=model.mesh, decode_weights=model.decode_weights, kv_buffers=model.kv_buffers)
+                   if generate_answers else [None] * len(chunk))
         generate_s = (time.perf_counter() - start) / len(chunk)
         for (example, ranked, record), ids in zip(records, outputs):
           answer = None if ids is None else model.tokenizer.decode(ids, skip_special_tokens=True).strip()

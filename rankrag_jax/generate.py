@@ -13,8 +13,9 @@ Greedy decoding is the paper's setting (§5.1); temperature / top-p sampling is 
 does not depend on which other rows share its batch.
 """
 
+import collections
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import gin
 import jax
@@ -97,19 +98,22 @@ def _next_tokens(logits: Array, row_keys: Array, step: Array, temperature: Array
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
-def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, tokens: Array, lengths: Array,
-                 stop_ids: Array, row_keys: Array, temperature: Array, top_p: Array, *, max_new_tokens: int,
-                 sample: bool = False, prefix_length: int = 0, num_tokens: int = 0, num_shards: int = 1
-                 ) -> tuple[Array, Array]:
+def decode_batch(params: dict, weights: dict | None, config: LlamaConfig, kv_buffer: dict, tokens: Array,
+                 lengths: Array, stop_ids: Array, row_keys: Array, temperature: Array, top_p: Array, *,
+                 max_new_tokens: int, sample: bool = False, prefix_length: int = 0, num_tokens: int = 0,
+                 num_shards: int = 1) -> tuple[Array, Array, dict]:
   """Generates up to `max_new_tokens` tokens for each right-padded prompt row.
 
   Args:
     params: model parameters.
-    layers: None to step the stacked layers of `params`, or per-layer copies of their weights
-      (`decode_layers(params)`) to run the layers from, with a per-layer cache and the LM head in column blocks
-      copied once per call (`_lm_head_column_blocks`). On XLA:CPU, stepping the stacked layers copies every layer's
-      weights out of the stack at each step (~40% of a batch-8 SmolLM2 step).
+    weights: None to step the stacked layers of `params`, or `make_decode_weights(params, config)`: per-layer
+      copies of the layer weights to run with a per-layer cache, and the LM head in column blocks. On XLA:CPU,
+      stepping the stacked layers copies every layer's weights out of the stack at each step (~40% of a batch-8
+      SmolLM2 step).
     config: the model's config (static).
+    kv_buffer: {"k", "v"} of `empty_kv_buffer` for B rows and T + max_new_tokens slots, whatever they hold (a
+      previous call's cache): the call writes its KV cache there (jitted: donated) and returns it. Every slot is
+      written before it is read.
     tokens: int32 [B, T] prompts, right-padded (pad ids are ignored).
     lengths: int32 [B] real prompt lengths (>= 1).
     stop_ids: int32 [S] ids that end a row (the stop id itself is emitted and counted).
@@ -123,30 +127,31 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
     num_shards: the data shards the rows are split over (static; with num_tokens).
 
   Returns:
-    (new_tokens int32 [B, max_new_tokens], num_new int32 [B]); entries past num_new are 0.
+    (new_tokens int32 [B, max_new_tokens], num_new int32 [B], the kv_buffer); token entries past num_new are 0.
   """
   model = Llama(config)
   batch, prompt_len = tokens.shape
   slots = jnp.arange(prompt_len)
   positions = jnp.broadcast_to(slots, (batch, prompt_len))
   segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
-  unstack_layers = layers is not None
+  unstack_layers = weights is not None
   if unstack_layers:  # each step reads every layer's weights and cache in place.
-    forward = functools.partial(llama.unstacked_hidden_states, config, params, layers)
-    lm_head = functools.partial(_logits_from_column_blocks, config, _lm_head_column_blocks(params, config))
+    forward = functools.partial(llama.unstacked_hidden_states, config, params, weights["layers"])
+    lm_head = functools.partial(_logits_from_column_blocks, config, weights["lm_head_blocks"])
   else:
     forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
     lm_head = functools.partial(model.apply, {"params": params}, method=Llama.logits_from_hidden)
+  # The cache's index is static during the prefill: it attends block by block (ops.prefill_blockwise_attention).
+  # The prompt slots are all written below; the new tokens' slots are zeroed, so nothing stale is ever read.
+  cache = {"k": _zero_slots(kv_buffer["k"], prompt_len), "v": _zero_slots(kv_buffer["v"], prompt_len),
+           "segment_ids": jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32), "index": 0}
   p = prefix_length
   if p:  # the rows' common prefix runs once (batch 1); its keys/values are then every row's first slots.
-    cache = llama.init_cache(config, 1, prompt_len + max_new_tokens, per_layer=unstack_layers)
-    cache["index"] = 0  # static during the prefill: it attends block by block (ops.prefill_blockwise_attention)
-    _, cache = forward(tokens[:1, :p], positions[:1, :p], segment_ids[:1, :p], cache,
-                       output_slots=jnp.full((1, 1), p - 1, jnp.int32))  # only its cache is used
-    cache = _broadcast_rows(cache, batch)
-  else:
-    cache = llama.init_cache(config, batch, prompt_len + max_new_tokens, per_layer=unstack_layers)
-    cache["index"] = 0
+    prefix = llama.init_cache(config, 1, p, per_layer=unstack_layers)
+    prefix["index"] = 0
+    _, prefix = forward(tokens[:1, :p], positions[:1, :p], segment_ids[:1, :p], prefix,
+                        output_slots=jnp.full((1, 1), p - 1, jnp.int32))  # only its cache is used
+    cache = _with_prefix_in_every_row(cache, prefix)
   layout = token_layout.make_layout(segment_ids[:, p:], num_shards, num_tokens) if num_tokens else None
   # Only each prompt's last token needs logits: with per-layer weights the last layer runs its queries and MLP
   # there only (the stacked layers gather it after the last layer).
@@ -173,8 +178,8 @@ def decode_batch(params: dict, layers: list[dict] | None, config: LlamaConfig, t
   state = (jnp.zeros((), jnp.int32), cache, logits, jnp.zeros((batch,), bool),
            jnp.zeros((batch, max_new_tokens), jnp.int32), jnp.zeros((batch,), jnp.int32))
   state = jax.lax.while_loop(lambda s: (s[0] < max_new_tokens - 1) & ~jnp.all(s[3]), emit_and_step, state)
-  (_, _, _, _, new_tokens, num_new), _ = emit(state)
-  return new_tokens, num_new
+  (_, cache, _, _, new_tokens, num_new), _ = emit(state)
+  return new_tokens, num_new, {"k": cache["k"], "v": cache["v"]}
 
 
 # Columns per block of `_lm_head_column_blocks`.
@@ -182,7 +187,7 @@ LM_HEAD_BLOCK = 1536
 
 
 def _lm_head_column_blocks(params: dict, config: LlamaConfig) -> list[Array]:
-  """The output projection [D, V] as [D, LM_HEAD_BLOCK] column blocks, copied once before a decode loop.
+  """The output projection [D, V] as [D, LM_HEAD_BLOCK] column blocks (copies, made once by `make_decode_weights`).
 
   Why: XLA:CPU streams a [B, D] x [D, V] product with few rows through one core at ~8.5 GB/s, whether the weights
   are the tied [V, D] table or a [D, V] kernel, and blocks of 1,536 columns at ~14 GB/s: SmolLM2's LM head takes
@@ -201,14 +206,36 @@ def _logits_from_column_blocks(config: LlamaConfig, blocks: list[Array], hidden:
   return jnp.concatenate([hidden @ block.astype(config.dtype) for block in blocks], axis=-1).astype(jnp.float32)
 
 
-def _broadcast_rows(cache: dict, batch: int) -> dict:
-  """A batch-1 cache (stacked or per-layer) repeated for `batch` rows."""
-  def rows(x, axis):
-    return jnp.broadcast_to(x, x.shape[:axis] + (batch,) + x.shape[axis + 1:])
-  kv_axis = 0 if isinstance(cache["k"], list) else 1  # per-layer [B, Kh, S, D] or stacked [L, B, Kh, S, D]
-  return {"k": jax.tree.map(lambda x: rows(x, kv_axis), cache["k"]),
-          "v": jax.tree.map(lambda x: rows(x, kv_axis), cache["v"]),
-          "segment_ids": rows(cache["segment_ids"], 0), "index": cache["index"]}
+def _zero_slots(kv, start: int):
+  """Keys or values (stacked or per-layer) with slots [start, S) zeroed."""
+  return jax.tree.map(lambda x: x.at[..., start:, :].set(0), kv)
+
+
+def _with_prefix_in_every_row(cache: dict, prefix: dict) -> dict:
+  """`cache` with the batch-1 `prefix` cache's p slots written at slots [0, p) of every row."""
+  def write(x, prefix_x):  # per-layer [B, Kh, S, D] or stacked [L, B, Kh, S, D]
+    batch_axis = x.ndim - 4
+    rows = jnp.broadcast_to(prefix_x, prefix_x.shape[:batch_axis] + (x.shape[batch_axis],)
+                            + prefix_x.shape[batch_axis + 1:])
+    return jax.lax.dynamic_update_slice_in_dim(x, rows.astype(x.dtype), 0, axis=x.ndim - 2)
+  p = prefix["segment_ids"].shape[1]
+  return {"k": jax.tree.map(write, cache["k"], prefix["k"]), "v": jax.tree.map(write, cache["v"], prefix["v"]),
+          "segment_ids": cache["segment_ids"].at[:, :p].set(prefix["segment_ids"]), "index": prefix["index"]}
+
+
+def empty_kv_buffer(config: LlamaConfig, batch: int, slots: int, per_layer: bool, mesh: Mesh | None = None) -> dict:
+  """Zeroed keys and values for `decode_batch` (per-layer or stacked, as `llama.init_cache`), their batch axis
+  split over the mesh's data-parallel axes."""
+  cache = _jitted_init_cache(config, batch, slots, per_layer=per_layer)
+  kv = {"k": cache["k"], "v": cache["v"]}
+  if mesh is None or data_parallel_size(mesh) == 1:
+    return kv
+  batch_axes = tuple(a for a in (axes.DATA, axes.FSDP) if a in mesh.shape)
+  spec = PartitionSpec(batch_axes) if per_layer else PartitionSpec(None, batch_axes)
+  return jax.device_put(kv, NamedSharding(mesh, spec))
+
+
+_jitted_init_cache = jax.jit(llama.init_cache, static_argnums=(0, 1, 2), static_argnames="per_layer")
 
 
 def shared_prefix_length(sequences: Sequence[Sequence[int]], multiple: int = 1) -> int:
@@ -226,32 +253,61 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], multiple: int = 1) 
 def _jitted_decode_batch(backend: str):
   """decode_batch jitted for `backend`; on CPU with `compiler_options`."""
   return jax.jit(decode_batch, static_argnames=("config", "max_new_tokens", "sample", "prefix_length", "num_tokens",
-                                  "num_shards"),
-                 compiler_options=ops.compiler_options(backend))
+                                                "num_shards"),
+                 donate_argnames="kv_buffer", compiler_options=ops.compiler_options(backend))
 
 
-@gin.configurable(denylist=["params"])
-def decode_layers(params: dict, unstack_layers_on_cpu: bool = True) -> list[dict] | None:
-  """The layer weights `generate` decodes from: on the CPU backend, per-layer copies (`llama.unstack_layers`),
-  which make decode steps ~2x faster for one more copy of the layer weights in memory; None (the stacked layers
-  of `params`) on other backends or with unstack_layers_on_cpu=False (for a model near the host's memory).
+@gin.configurable(denylist=["params", "config"])
+def make_decode_weights(params: dict, config: LlamaConfig, unstack_layers_on_cpu: bool = True) -> dict | None:
+  """The weights `generate` decodes from: on the CPU backend, {"layers": per-layer copies of the layer weights
+  (`llama.unstack_layers`), "lm_head_blocks": the output projection in column blocks (`_lm_head_column_blocks`)},
+  which make decode steps ~2x faster for one more copy of the weights in memory; None (the stacked layers of
+  `params`) on other backends or with unstack_layers_on_cpu=False (for a model near the host's memory).
 
   A caller that generates many times from the same params makes them once (`rag.load_rag_model` does) and passes
-  them as `generate(..., layers=...)`; copying SmolLM2's layers takes ~0.2 s.
+  them as `generate(..., decode_weights=...)`: copying SmolLM2's takes ~0.3 s (the LM head blocks ~0.1 s of it).
   """
   if not unstack_layers_on_cpu or jax.default_backend() != "cpu":
     return None
-  return _jitted_unstack_layers(params)
+  return _jitted_decode_weights(params, config)
 
 
-_jitted_unstack_layers = jax.jit(llama.unstack_layers)
+@functools.partial(jax.jit, static_argnums=1)
+def _jitted_decode_weights(params: dict, config: LlamaConfig) -> dict:
+  return {"layers": llama.unstack_layers(params), "lm_head_blocks": _lm_head_column_blocks(params, config)}
+
+
+@gin.configurable
+class KVBuffers:
+  """The KV cache memory of `generate`'s recent batch shapes, kept between calls for the next batch of a shape.
+
+  Why: a decode program's cache is most of its memory (SmolLM2, 8 rows x 280 slots: 103 MB). Allocated per call,
+  the host's allocator maps it fresh and every 4 KiB page faults in on first write (~0.12 s per call on the
+  benchmark machine); a buffer that a call donates back to the next is already resident.
+  """
+
+  def __init__(self, max_shapes: int = 2):
+    self.max_shapes = max_shapes
+    self._buffers: collections.OrderedDict = collections.OrderedDict()
+
+  def take(self, shape: tuple, make: Callable[[], dict]) -> dict:
+    """The kept buffer for `shape` (removed: the call donates it), or `make()`."""
+    return self._buffers.pop(shape, None) or make()
+
+  def put(self, shape: tuple, kv: dict) -> None:
+    """Keeps `kv` for the next call of `shape`, dropping the least recently kept beyond max_shapes."""
+    self._buffers[shape] = kv
+    self._buffers.move_to_end(shape)
+    while len(self._buffers) > self.max_shapes:
+      self._buffers.popitem(last=False)
 
 
 @gin.configurable(denylist=["params", "config", "prompts", "max_new_tokens", "stop_ids"])
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              stop_ids: Sequence[int], temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 8, mesh: Mesh | None = None, keep_stop_token: bool = False,
-             layers: list[dict] | None | str = "auto", compact_granularity: int = 16) -> list[list[int]]:
+             decode_weights: dict | None | str = "auto", compact_granularity: int = 16,
+             kv_buffers: KVBuffers | None = None) -> list[list[int]]:
   """Continues each prompt (token ids) and returns its new token ids, in the order of `prompts`.
 
   Args:
@@ -265,11 +321,13 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     batch_size: rows per compiled batch (prompts are grouped by length bucket; short batches are padded).
     mesh: when given with >1 data-parallel device, batches are split over its data axes.
     keep_stop_token: whether the returned ids end with the stop id that ended the row.
-    layers: the layer weights to decode from, as `decode_layers(params)` makes them once for many calls; None
-      steps the stacked layers of `params`; "auto" calls `decode_layers(params)` (once per call).
+    decode_weights: the weights to decode from, as `make_decode_weights(params, config)` makes them once for many
+      calls; None steps the stacked layers of `params`; "auto" calls `make_decode_weights` (once per call).
     compact_granularity: the prompt prefill runs its projections and MLP on the real tokens only, their count
       rounded up to this (one compiled program per count: `token_layout.prefill_token_budget`); 0 computes the
       padded rows too (bench/README.md: ~10% of the prefill for 8 RAG prompts).
+    kv_buffers: where the KV cache memory of recent batch shapes is kept between calls (`KVBuffers`; a caller
+      that generates many times passes the same one, as `rag.RagModel` does); None: fresh memory per batch.
 
   Returns:
     One list of new token ids per prompt.
@@ -284,10 +342,11 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     raise ValueError(f"generate: compact_granularity must be >= 0 (0: no compaction), got {compact_granularity}")
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-  if isinstance(layers, str):
-    if layers != "auto":
-      raise ValueError(f"generate: layers must be a list of per-layer weights, None or 'auto', got {layers!r}")
-    layers = decode_layers(params)
+  if isinstance(decode_weights, str):
+    if decode_weights != "auto":
+      raise ValueError("generate: decode_weights must be make_decode_weights(params, config), None or 'auto', got "
+                       f"{decode_weights!r}")
+    decode_weights = make_decode_weights(params, config)
   rows_per_batch = -(-batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
   stop = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
   base_key = jax.random.key(seed)
@@ -315,10 +374,14 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
     tokens, lengths, row_keys = shard_batch((tokens, lengths, row_keys), mesh)
     decode = _jitted_decode_batch(jax.default_backend())
-    new_tokens, num_new = decode(params, layers, config, tokens, lengths, stop, row_keys,
-                                 jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
-                                 max_new_tokens=max_new_tokens, sample=temperature > 0, prefix_length=prefix_length,
-                                 num_tokens=num_tokens, num_shards=num_shards)
+    kv_shape = (padded_rows, bucket + max_new_tokens, decode_weights is not None)
+    kv = (kv_buffers or KVBuffers()).take(kv_shape, lambda: empty_kv_buffer(config, *kv_shape, mesh))
+    new_tokens, num_new, kv = decode(params, decode_weights, config, kv, tokens, lengths, stop, row_keys,
+                                     jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+                                     max_new_tokens=max_new_tokens, sample=temperature > 0,
+                                     prefix_length=prefix_length, num_tokens=num_tokens, num_shards=num_shards)
+    if kv_buffers is not None:
+      kv_buffers.put(kv_shape, kv)
     new_tokens, num_new = np.asarray(new_tokens), np.asarray(num_new)
     stop_set = set(int(s) for s in stop_ids)
     for r, i in enumerate(rows):

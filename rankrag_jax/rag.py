@@ -29,7 +29,7 @@ import numpy as np
 # Every Gin-configurable module is imported here, before --gin_file is parsed (Gin locks its registry then).
 from rankrag_jax import assets, cli, prompts, rerank, sharding
 from rankrag_jax.convert import load
-from rankrag_jax.generate import decode_layers, generate, max_new_tokens_for_task
+from rankrag_jax.generate import KVBuffers, generate, make_decode_weights, max_new_tokens_for_task
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import param_logical_axes
 from rankrag_jax.retrieval import bm25, dense
@@ -47,13 +47,15 @@ class RagError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RagModel:
-  """One Llama that both reranks and generates, with its tokenizer, (on >1 device) the mesh, and the layer
-  weights generation decodes from (`generate.decode_layers`: made once at load; "auto": per generate call)."""
+  """One Llama that both reranks and generates, with its tokenizer, (on >1 device) the mesh, the weights
+  generation decodes from (`generate.make_decode_weights`: made once at load; "auto": per generate call) and the
+  KV cache memory its calls reuse (`generate.KVBuffers`)."""
   config: LlamaConfig
   params: dict
   tokenizer: object
   mesh: jax.sharding.Mesh | None = None
-  decode_layers: list | None | str = "auto"
+  decode_weights: dict | None | str = "auto"
+  kv_buffers: KVBuffers = dataclasses.field(default_factory=KVBuffers)
 
 
 def place_on_mesh(params: dict, config: LlamaConfig, mesh: jax.sharding.Mesh) -> dict:
@@ -83,7 +85,7 @@ def load_rag_model(checkpoint: str, mesh_from_gin: bool = False) -> RagModel:
   if jax.device_count() > 1:
     mesh = sharding.make_mesh() if mesh_from_gin else sharding.make_mesh(data=-1, fsdp=1, tensor=1)
     params = place_on_mesh(params, config, mesh)
-  return RagModel(config, params, tokenizer, mesh, decode_layers(params))
+  return RagModel(config, params, tokenizer, mesh, make_decode_weights(params, config))
 
 
 def build_search(corpus, kind: str = "bm25") -> Search:
@@ -216,7 +218,8 @@ def answer_questions(model: RagModel, corpus, search: Search, questions: Sequenc
 
   start = time.perf_counter()
   outputs = generate(model.params, model.config, prompt_ids, max_new_tokens, model.tokenizer.stop_ids,
-                     mesh=model.mesh, layers=model.decode_layers)
+                     mesh=model.mesh, decode_weights=model.decode_weights,
+                     kv_buffers=model.kv_buffers)
   timings["generate_s"] = time.perf_counter() - start
   for record, ids in zip(to_generate, outputs):
     record["answer"] = model.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -67,7 +67,7 @@ def test_shared_prefix_length_rounds_down_and_leaves_each_row_a_token():
 def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prompts, compact):
   config, params = tiny_model
   got = generate_lib.generate(params, config, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
-                              layers=generate_lib.decode_layers(params) if unstack else None,
+                              decode_weights=generate_lib.make_decode_weights(params, config) if unstack else None,
                               compact_granularity=compact)
   for prompt, new in zip(prompts, got):
     assert new == greedy_by_full_forwards(config, params, prompt, MAX_NEW)
@@ -89,8 +89,34 @@ def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch, reques
   want = llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden)
   np.testing.assert_allclose(generate_lib._logits_from_column_blocks(config, blocks, hidden), want, rtol=1e-5, atol=1e-5)
   got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=6, stop_ids=[], batch_size=4,
-                              layers=generate_lib.decode_layers(params))
+                              decode_weights=generate_lib.make_decode_weights(params, config))
   assert got == [greedy_by_full_forwards(config, params, prompt, 6) for prompt in PREFIXED_PROMPTS]
+
+
+@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
+def test_reused_kv_buffers_hold_nothing_over_between_calls(tiny_model, unstack):
+  # A call writes its cache into the previous same-shape call's (donated) buffer: the second batch must decode as
+  # from fresh memory, although the buffer still holds the first batch's keys and values (and more slots of them).
+  config, params = tiny_model
+  weights = generate_lib.make_decode_weights(params, config) if unstack else None
+  buffers = generate_lib.KVBuffers()
+  first = [[row] + list(range(61, 76)) for row in range(4)]  # no common prefix; fills the 16-token bucket
+  generate_lib.generate(params, config, first, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
+                        decode_weights=weights, kv_buffers=buffers)
+  (kept,) = buffers._buffers.values()
+  got = generate_lib.generate(params, config, PROMPTS, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
+                              decode_weights=weights, kv_buffers=buffers)
+  assert all(x.is_deleted() for x in jax.tree.leaves(kept))  # donated to the second call: its memory was reused
+  assert got == [greedy_by_full_forwards(config, params, prompt, MAX_NEW) for prompt in PROMPTS]
+
+
+def test_kv_buffers_keep_the_most_recent_shapes():
+  buffers = generate_lib.KVBuffers(max_shapes=2)
+  for shape in ("a", "b", "a", "c"):
+    buffers.put(shape, {"k": shape})
+  assert list(buffers._buffers) == ["a", "c"]
+  assert buffers.take("a", lambda: {"k": "new"}) == {"k": "a"}
+  assert buffers.take("a", lambda: {"k": "new"}) == {"k": "new"}  # taken: the call that took it owns it
 
 
 def test_default_prefill_runs_on_the_real_tokens_only(tiny_model, monkeypatch):
@@ -118,7 +144,7 @@ def test_long_prefills_attend_block_by_block_and_equal_full_forwards(tiny_model,
   config, params = tiny_model
   prompts = [SHARED + list(range(1, 120)), SHARED + list(range(30, 100)), SHARED + [7] * 3]
   got = generate_lib.generate(params, config, prompts, max_new_tokens=3, stop_ids=[], batch_size=4,
-                              layers=generate_lib.decode_layers(params) if unstack else None)
+                              decode_weights=generate_lib.make_decode_weights(params, config) if unstack else None)
   assert got == [greedy_by_full_forwards(config, params, prompt, 3, width=160) for prompt in prompts]
 
 
@@ -187,6 +213,6 @@ def test_bad_generation_inputs_are_rejected(tiny_model):
     generate_lib.generate(params, config, [[1]], max_new_tokens=0, stop_ids=[])
   with pytest.raises(ValueError, match="compact_granularity must be >= 0"):
     generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], compact_granularity=-16)
-  with pytest.raises(ValueError, match="layers must be"):
-    generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], layers="stacked")
+  with pytest.raises(ValueError, match="decode_weights must be"):
+    generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], decode_weights="stacked")
   assert generate_lib.generate(params, config, [], max_new_tokens=4, stop_ids=[]) == []
