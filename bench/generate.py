@@ -11,7 +11,8 @@ row (no stop ids, so neither stops early) in one batch:
         of each prompt padded, its projections and MLP on the real tokens only, then a `lax.while_loop` of
         one-token steps over an explicit per-layer KV cache, per-layer weights and the LM head in column blocks;
         those are made once at load by `generate.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
-        not inside the timed call);
+        not inside the timed call; the calls reuse their KV cache memory through one `generate.KVBuffers`, as a
+        `rag.RagModel`'s do);
   reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
         with an attention mask (transformers derives the positions from it).
 
@@ -90,12 +91,13 @@ def side_ours(args) -> dict:
   config, params, _ = load_model(args.hf_dir)
   params = jax.device_put(params)
   weights = generate.make_decode_weights(params, config)  # made once at load, as rag.load_rag_model does
+  buffers = generate.KVBuffers()  # KV cache memory reused by the calls, as rag.RagModel holds one
   run = lambda: generate.generate(params, config, sequences, args.new_tokens, stop_ids=[], batch_size=args.batch,
-                                  decode_weights=weights)
+                                  decode_weights=weights, kv_buffers=buffers)
   out = run()  # compiles
   # Prefill alone: the same jitted decode with a budget of one new token (prefill + first LM head).
   prefill = lambda: generate.generate(params, config, sequences, 1, stop_ids=[], batch_size=args.batch,
-                                      decode_weights=weights)
+                                      decode_weights=weights, kv_buffers=buffers)
   prefill()
   probe = common.matmul_flops_probe()
   bandwidth = common.memory_read_probe()
