@@ -104,6 +104,9 @@ def driver_parser(doc: str, data: str) -> argparse.ArgumentParser:
   parser.add_argument("--repeats", type=int, default=2, help="timed calls per child")
   parser.add_argument("--rounds", type=int, default=1, help="ours/ref child runs, alternating")
   parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument("--keep_freed_host_memory", default="ours", choices=("ours", "both", "none"),
+                      help="which sides keep freed host memory mapped (rankrag_jax/host_memory.py; our commands do it "
+                           "by default): ours, both (the reference too, same glibc settings), none")
   parser.add_argument("--concurrent", type=int, default=0,
                       help="run the ours and ref children at the same time (each 2 threads) so that both see the "
                            "same machine load; use on a machine shared with other jobs")
@@ -116,7 +119,14 @@ def drive(script: str, args, sides: dict, describe) -> tuple[dict, dict] | None:
   ref children (in turn, or at once with --concurrent), printing `describe(side, result)` per child. Returns
   (prepare's result, {"ours": [results], "ref": [results]})."""
   if args.side != "parent":
-    emit(sides[args.side](args))
+    kept = False
+    if args.side == "ours" and args.keep_freed_host_memory != "none" or args.side == "ref" and \
+        args.keep_freed_host_memory == "both":  # first, as our commands do: before any JAX / torch threads exist
+      from rankrag_jax import host_memory
+      kept = host_memory.keep_freed_host_memory()
+    result = sides[args.side](args)
+    result["kept_freed_host_memory"] = kept
+    emit(result)
     return None
   pathlib.Path(args.data).parent.mkdir(parents=True, exist_ok=True)
   ensure_hf_dir(args.hf_dir)
@@ -133,7 +143,8 @@ def drive(script: str, args, sides: dict, describe) -> tuple[dict, dict] | None:
       results = {side: run_side(script, side, child_args) for side in runs}
     for side, res in results.items():
       runs[side].append(res)
-      print(f"round {r} {side}: {describe(side, res)} load {res['load']} rss {res['peak_rss_mib']} MiB", flush=True)
+      print(f"round {r} {side}: {describe(side, res)} load {res['load']} rss {res['peak_rss_mib']} MiB"
+            f"{' (freed host memory kept)' if res['kept_freed_host_memory'] else ''}", flush=True)
   return prep, runs
 
 

@@ -2,6 +2,7 @@
 
     from rankrag_jax import cli
     def main(argv):
+      cli.keep_freed_host_memory()  # before any JAX computation
       cli.parse_gin()      # --gin_file / --gin_bindings / --gin_search_paths
 """
 
@@ -14,11 +15,21 @@ from typing import Sequence
 from absl import flags
 import gin
 
+from rankrag_jax import host_memory
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files; later ones override earlier ones.")
 GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. \"TRAIN_STEPS = 10\".")
 GIN_SEARCH_PATHS = flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories for Gin includes.")
+KEEP_FREED_HOST_MEMORY = flags.DEFINE_bool(
+    "keep_freed_host_memory", True, "Keep freed host memory mapped (glibc malloc), so XLA:CPU programs do not "
+    "page-fault their buffers in at every step (rankrag_jax/host_memory.py).")
+
+
+def keep_freed_host_memory() -> bool:
+  """`host_memory.keep_freed_host_memory` as --keep_freed_host_memory says; commands call it first in `main`."""
+  return host_memory.keep_freed_host_memory(KEEP_FREED_HOST_MEMORY.value)
 
 
 def parse_gin(gin_files: Sequence[str] | None = None, gin_bindings: Sequence[str] | None = None,

@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 
 # Gin-configurable modules are imported before --gin_file is parsed.
-from rankrag_jax import assets, metrics, rag  # rag imports rerank, prompts and generate.
+from rankrag_jax import assets, cli, metrics, rag  # rag imports rerank, prompts and generate.
 from rankrag_jax.generate import generate, max_new_tokens_for_task
 from rankrag_jax.data import readers
 from rankrag_jax.retrieval import corpus as corpus_lib
@@ -363,6 +363,7 @@ if "gin_bindings" not in FLAGS:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.keep_freed_host_memory()  # before JAX starts its backend
   try:
     gin.parse_config_files_and_bindings(FLAGS.gin_file, FLAGS.gin_bindings)
     run_evaluation()

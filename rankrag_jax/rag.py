@@ -300,6 +300,7 @@ flags.DEFINE_enum("task", None, TASKS, "open_domain_qa (default; 32 new tokens) 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.keep_freed_host_memory()  # before JAX starts its backend
   try:
     cli.parse_gin()  # --gin_file / --gin_bindings, e.g. answer_questions.task='fever', generate.temperature.
     run(FLAGS.checkpoint, FLAGS.corpus, FLAGS.question, FLAGS.questions, FLAGS.out, FLAGS.n, FLAGS.k,

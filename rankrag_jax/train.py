@@ -47,6 +47,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; use --gin_file / --gin_bindings")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO; -v 0 brings it back.
+  cli.keep_freed_host_memory()  # before JAX starts its backend
   initialize_distributed()
   cli.parse_gin()  # --gin_file / --gin_bindings / --gin_search_paths
   try:
