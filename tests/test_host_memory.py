@@ -40,3 +40,11 @@ def test_freed_temporary_buffers_stay_mapped_between_executions():
 
 def test_disabled_changes_nothing():
   assert host_memory.keep_freed_host_memory(enabled=False) is False
+
+
+def test_hosts_with_accelerator_devices_keep_their_malloc_arenas(monkeypatch):
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(host_memory.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+  assert host_memory.keep_freed_host_memory() is False
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # told to run on the CPU: the CPU's buffers matter again
+  assert host_memory._accelerator_possible() is False
