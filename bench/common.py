@@ -120,8 +120,8 @@ def drive(script: str, args, sides: dict, describe) -> tuple[dict, dict] | None:
   (prepare's result, {"ours": [results], "ref": [results]})."""
   if args.side != "parent":
     kept = False
-    if args.side == "ours" and args.keep_freed_host_memory != "none" or args.side == "ref" and \
-        args.keep_freed_host_memory == "both":  # first, as our commands do: before any JAX / torch threads exist
+    keep_sides = {"ours": ("ours",), "both": ("ours", "ref"), "none": ()}[args.keep_freed_host_memory]
+    if args.side in keep_sides:  # first, as our commands do: before any JAX / torch threads exist
       from rankrag_jax import host_memory
       kept = host_memory.keep_freed_host_memory()
     result = sides[args.side](args)

@@ -287,6 +287,8 @@ class KVBuffers:
   """
 
   def __init__(self, max_shapes: int = 2):
+    if max_shapes < 0:
+      raise ValueError(f"KVBuffers: max_shapes must be >= 0 (0 keeps none), got {max_shapes}")
     self.max_shapes = max_shapes
     self._buffers: collections.OrderedDict = collections.OrderedDict()
 
@@ -375,7 +377,8 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     tokens, lengths, row_keys = shard_batch((tokens, lengths, row_keys), mesh)
     decode = _jitted_decode_batch(jax.default_backend())
     kv_shape = (padded_rows, bucket + max_new_tokens, decode_weights is not None)
-    kv = (kv_buffers or KVBuffers()).take(kv_shape, lambda: empty_kv_buffer(config, *kv_shape, mesh))
+    make_kv = lambda: empty_kv_buffer(config, *kv_shape, mesh)
+    kv = make_kv() if kv_buffers is None else kv_buffers.take(kv_shape, make_kv)
     new_tokens, num_new, kv = decode(params, decode_weights, config, kv, tokens, lengths, stop, row_keys,
                                      jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                                      max_new_tokens=max_new_tokens, sample=temperature > 0,

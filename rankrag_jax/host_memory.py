@@ -10,6 +10,7 @@ The price: the process keeps its peak heap (what a training or serving process r
 all threads share one malloc lock. So it applies to CPU-only hosts: on a host with TPU or GPU devices (and
 JAX_PLATFORMS not "cpu"), programs keep their buffers on the devices and the input pipeline's threads should keep
 their own arenas.
+
 `keep_freed_host_memory` must run before JAX starts its CPU backend: each thread keeps the malloc arena it first
 used, so the commands call it first thing in `main` (`cli.keep_freed_host_memory`; --nokeep_freed_host_memory
 turns it off).
