@@ -35,7 +35,7 @@ setuptools.setup(
         # torch 2.13.0 is the CPU build on this machine's disk; any other spec pulls CUDA wheels.
         # libtpu lets tests AOT-compile for TPU v5p topologies on this CPU (tests/test_train_compile.py); it is
         # the libtpu release that matches jax 0.10.2. pytest-xdist: the suite runs in two workers (README), so one
-        # test's single-threaded XLA compiles overlap another's computation (2 cores: 27.5 -> 17.5 min).
+        # test's single-threaded XLA compiles overlap another's computation (bench/README.md, session 14).
         "test": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "libtpu==0.0.42.1", "pytest",
                  "pytest-timeout", "pytest-xdist==3.8.0"],
         "tpu": ["libtpu==0.0.42.1"],
