@@ -235,3 +235,32 @@ def test_build_command_builds_the_default_blend_from_real_data(tmp_path):
   assert set(stats["components"]) == set(blend.COMPONENTS)
   assert all(s["examples"] > 0 for s in stats["components"].values())
   assert "natural_instructions_sft" in result.stdout and "packed rows/epoch" in result.stdout
+
+
+def test_concurrent_ensure_blend_builds_the_default_blend_once(tmp_path, monkeypatch):
+  """Parallel test workers (or local processes of one run) that need the default blend: one builds, the others
+  wait for its manifest instead of writing the same files at the same time."""
+  import threading
+  import time
+  from rankrag_jax.training import data as data_lib
+  calls = []
+
+  def slow_build(directory):  # stands in for the real build (~1 min): files first, the manifest last
+    calls.append(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    time.sleep(0.5)
+    (directory / "manifest.json").write_text("{}")
+
+  monkeypatch.setattr(blend, "build_default_blend", slow_build)
+  gin.bind_parameter("rankrag_jax.data.tasks.register_blend_tasks.data_dir", str(tmp_path / "blend"))
+  try:
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(data_lib.ensure_blend())) for _ in range(3)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    gin.clear_config()
+  assert len(calls) == 1
+  assert results == [tmp_path / "blend"] * 3 and (tmp_path / "blend" / "manifest.json").is_file()

@@ -8,6 +8,7 @@ Each host asks for its own shard (`shard_id = jax.process_index()`) with the per
 `global_batch` assembles the hosts' rows into one global array sharded over the data-parallel mesh axes.
 """
 
+import fcntl
 import pathlib
 from collections.abc import Iterator
 
@@ -24,10 +25,16 @@ def ensure_blend() -> pathlib.Path:
   from rankrag_jax.data import blend, tasks  # local: pulls in tensorflow/seqio, not needed by synthetic runs
   bound = gin.get_bindings(tasks.register_blend_tasks).get("data_dir")
   directory = pathlib.Path(bound or tasks.default_blend_dir())
-  if not (directory / "manifest.json").is_file():
-    logging.info("building the default blend into %s (one-off)", directory)
-    print(f"Building the embedded default blend into {directory} (one-off, a few minutes) ...", flush=True)
-    blend.build_default_blend(directory)
+  if (directory / "manifest.json").is_file():  # written last: the blend is complete
+    return directory
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  # One builder at a time (processes of a multi-host run, parallel test workers); the others wait, then reuse it.
+  with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (directory / "manifest.json").is_file():
+      logging.info("building the default blend into %s (one-off)", directory)
+      print(f"Building the embedded default blend into {directory} (one-off, a few minutes) ...", flush=True)
+      blend.build_default_blend(directory)
   return directory
 
 
