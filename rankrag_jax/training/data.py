@@ -28,7 +28,7 @@ def ensure_blend() -> pathlib.Path:
   if (directory / "manifest.json").is_file():  # written last: the blend is complete
     return directory
   directory.parent.mkdir(parents=True, exist_ok=True)
-  # One builder at a time (processes of a multi-host run, parallel test workers); the others wait, then reuse it.
+  # One builder at a time (local processes of one run, parallel test workers); the others wait, then reuse it.
   with open(directory.parent / f".{directory.name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (directory / "manifest.json").is_file():
