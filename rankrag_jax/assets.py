@@ -9,6 +9,7 @@ members are verified, so an interrupted fetch is redone rather than trusted.
     >>> bigbench_dir = asset_dir("bigbench")
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import fnmatch
@@ -142,13 +143,21 @@ def asset_dir(name: str) -> pathlib.Path:
   marker = root / ".complete"
   if marker.exists():
     return root
-  root.parent.mkdir(parents=True, exist_ok=True)
   # One fetcher at a time (tests run in parallel processes); the others wait, then see the marker.
-  with open(root.parent / f".{name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with exclusive_lock(root.parent / f".{name}.lock"):
     if not marker.exists():
       _fetch_into(name, asset, root)
   return root
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: pathlib.Path):
+  """Holds an exclusive lock on the file `path` (created, with its directory): one process (or thread) at a
+  time builds a cache entry; the others wait, then find it complete."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
 
 
 def _fetch_into(name: str, asset: Asset, root: pathlib.Path) -> None:

@@ -8,7 +8,6 @@ Each host asks for its own shard (`shard_id = jax.process_index()`) with the per
 `global_batch` assembles the hosts' rows into one global array sharded over the data-parallel mesh axes.
 """
 
-import fcntl
 import pathlib
 from collections.abc import Iterator
 
@@ -17,6 +16,7 @@ import gin
 import jax
 import numpy as np
 
+from rankrag_jax import assets
 from rankrag_jax.training import step as step_lib
 
 
@@ -27,10 +27,8 @@ def ensure_blend() -> pathlib.Path:
   directory = pathlib.Path(bound or tasks.default_blend_dir())
   if (directory / "manifest.json").is_file():  # written last: the blend is complete
     return directory
-  directory.parent.mkdir(parents=True, exist_ok=True)
   # One builder at a time (local processes of one run, parallel test workers); the others wait, then reuse it.
-  with open(directory.parent / f".{directory.name}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with assets.exclusive_lock(directory.parent / f".{directory.name}.lock"):
     if not (directory / "manifest.json").is_file():
       logging.info("building the default blend into %s (one-off)", directory)
       print(f"Building the embedded default blend into {directory} (one-off, a few minutes) ...", flush=True)
