@@ -14,9 +14,11 @@ does not depend on which other rows share its batch.
 """
 
 import collections
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
+import flax
 import gin
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ from rankrag_jax.model import axes
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
+from rankrag_jax.model import row_matmul
 from rankrag_jax.model import token_layout
 from rankrag_jax.model.llama import Llama
 
@@ -98,7 +101,7 @@ def _next_tokens(logits: Array, row_keys: Array, step: Array, temperature: Array
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
-def decode_batch(params: dict, weights: dict | None, config: LlamaConfig, kv_buffer: dict, tokens: Array,
+def decode_batch(params: dict, weights: "DecodeWeights | None", config: LlamaConfig, kv_buffer: dict, tokens: Array,
                  lengths: Array, stop_ids: Array, row_keys: Array, temperature: Array, top_p: Array, *,
                  max_new_tokens: int, sample: bool = False, prefix_length: int = 0, num_tokens: int = 0,
                  num_shards: int = 1) -> tuple[Array, Array, dict]:
@@ -107,7 +110,7 @@ def decode_batch(params: dict, weights: dict | None, config: LlamaConfig, kv_buf
   Args:
     params: model parameters.
     weights: None to step the stacked layers of `params`, or `make_decode_weights(params, config)`: per-layer
-      copies of the layer weights to run with a per-layer cache, and the LM head in column blocks. On XLA:CPU,
+      copies of the layer weights to run with a per-layer cache, and the LM head (`DecodeWeights`). On XLA:CPU,
       stepping the stacked layers copies every layer's weights out of the stack at each step (~40% of a batch-8
       SmolLM2 step).
     config: the model's config (static).
@@ -136,8 +139,9 @@ def decode_batch(params: dict, weights: dict | None, config: LlamaConfig, kv_buf
   segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
   unstack_layers = weights is not None
   if unstack_layers:  # each step reads every layer's weights and cache in place.
-    forward = functools.partial(llama.unstacked_hidden_states, config, params, weights["layers"])
-    lm_head = functools.partial(_logits_from_column_blocks, config, weights["lm_head_blocks"])
+    layer_config = dataclasses.replace(config, panel_kernels=weights.panel_kernels)
+    forward = functools.partial(llama.unstacked_hidden_states, layer_config, params, weights.layers)
+    lm_head = functools.partial(_lm_head_logits, config, weights)
   else:
     forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
     lm_head = functools.partial(model.apply, {"params": params}, method=Llama.logits_from_hidden)
@@ -186,6 +190,13 @@ def decode_batch(params: dict, weights: dict | None, config: LlamaConfig, kv_buf
 LM_HEAD_BLOCK = 1536
 
 
+def _lm_head_kernel(params: dict, config: LlamaConfig) -> Array:
+  """The output projection [D, V]."""
+  if config.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
 def _lm_head_column_blocks(params: dict, config: LlamaConfig) -> list[Array]:
   """The output projection [D, V] as [D, LM_HEAD_BLOCK] column blocks (copies, made once by `make_decode_weights`).
 
@@ -193,17 +204,26 @@ def _lm_head_column_blocks(params: dict, config: LlamaConfig) -> list[Array]:
   are the tied [V, D] table or a [D, V] kernel, and blocks of 1,536 columns at ~14 GB/s: SmolLM2's LM head takes
   ~8 instead of ~13 ms per batch-8 decode step (bench/README.md).
   """
-  if config.tie_word_embeddings:
-    weights = params["embed_tokens"]["embedding"].T
-  else:
-    weights = params["lm_head"]["kernel"]
+  weights = _lm_head_kernel(params, config)
   return [weights[:, start:start + LM_HEAD_BLOCK] for start in range(0, config.vocab_size, LM_HEAD_BLOCK)]
 
 
-def _logits_from_column_blocks(config: LlamaConfig, blocks: list[Array], hidden: Array) -> Array:
-  """`Llama.logits_from_hidden` of hidden [B, D] from `_lm_head_column_blocks`: f32 logits [B, V]."""
+def _lm_head_panels(params: dict, config: LlamaConfig) -> list[Array]:
+  """The output projection in `row_matmul.to_panels` order, its columns zero-padded to a multiple of the panel
+  width (`_lm_head_logits` drops the padded logits): one block."""
+  weights = _lm_head_kernel(params, config)
+  return [row_matmul.to_panels(jnp.pad(weights, ((0, 0), (0, -config.vocab_size % row_matmul.PANEL))))]
+
+
+def _lm_head_logits(config: LlamaConfig, weights: "DecodeWeights", hidden: Array) -> Array:
+  """`Llama.logits_from_hidden` of hidden [B, D] from the decode weights' LM head blocks: f32 logits [B, V]."""
   hidden = hidden.astype(config.dtype)
-  return jnp.concatenate([hidden @ block.astype(config.dtype) for block in blocks], axis=-1).astype(jnp.float32)
+  if weights.panel_kernels:
+    dot = lambda block: row_matmul.panel_dot_general(hidden, block, (((1,), (0,)), ((), ())))
+  else:
+    dot = lambda block: hidden @ block.astype(config.dtype)
+  logits = jnp.concatenate([dot(block) for block in weights.lm_head_blocks], axis=-1)
+  return logits[:, :config.vocab_size].astype(jnp.float32)
 
 
 def _zero_slots(kv, start: int):
@@ -257,24 +277,59 @@ def _jitted_decode_batch(backend: str):
                  donate_argnames="kv_buffer", compiler_options=ops.compiler_options(backend))
 
 
-@gin.configurable(denylist=["params", "config"])
-def make_decode_weights(params: dict, config: LlamaConfig, unstack_layers_on_cpu: bool = True) -> dict | None:
-  """The weights `generate` decodes from: on the CPU backend, {"layers": per-layer copies of the layer weights
-  (`llama.unstack_layers`), "lm_head_blocks": the output projection in column blocks (`_lm_head_column_blocks`)},
-  which make decode steps ~2x faster for one more copy of the weights in memory; None (the stacked layers of
-  `params`) on other backends or with unstack_layers_on_cpu=False (for a model near the host's memory).
+@flax.struct.dataclass
+class DecodeWeights:
+  """What `decode_batch` steps on the CPU backend (`make_decode_weights`): each layer's weights (a list of
+  per-layer param dicts) and the output projection [D, V] in column blocks. With panel_kernels (static), every
+  layer kernel and the output projection are in `row_matmul.to_panels` order and run through its thread-pool
+  kernel."""
+  layers: list
+  lm_head_blocks: list
+  panel_kernels: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+@gin.configurable(denylist=["params", "config", "mesh"])
+def make_decode_weights(params: dict, config: LlamaConfig, mesh: Mesh | None = None,
+                        unstack_layers_on_cpu: bool = True, panel_kernels_on_cpu: bool = True) -> DecodeWeights | None:
+  """The weights `generate` decodes from: on the CPU backend, per-layer copies of the layer weights
+  (`llama.unstack_layers`) and the output projection in column blocks, which make decode steps ~2x faster for one
+  more copy of the weights in memory; None (the stacked layers of `params`) on other backends or with
+  unstack_layers_on_cpu=False (for a model near the host's memory).
+
+  With panel_kernels_on_cpu (and f32 weights, a mesh of at most one device, and `row_matmul.available()`), the
+  copies are in `row_matmul` panel order: decode steps then split each product over the cores, ~1.6x faster on
+  the benchmark machine (bench/README.md, session 15).
 
   A caller that generates many times from the same params makes them once (`rag.load_rag_model` does) and passes
-  them as `generate(..., decode_weights=...)`: copying SmolLM2's takes ~0.3 s (the LM head blocks ~0.1 s of it).
+  them as `generate(..., decode_weights=...)`: copying SmolLM2's takes ~0.3 s (the LM head ~0.1 s of it).
   """
   if not unstack_layers_on_cpu or jax.default_backend() != "cpu":
     return None
-  return _jitted_decode_weights(params, config)
+  panels = (panel_kernels_on_cpu and (mesh is None or mesh.size == 1) and config.dtype == jnp.float32
+            and config.param_dtype == jnp.float32 and _layer_kernels_fit_panels(params) and row_matmul.available())
+  return _jitted_decode_weights(params, config, panels)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _jitted_decode_weights(params: dict, config: LlamaConfig) -> dict:
-  return {"layers": llama.unstack_layers(params), "lm_head_blocks": _lm_head_column_blocks(params, config)}
+def _kernel_contract_ndim(path) -> int:
+  """Input axes of a layer kernel: o_proj's [heads, head_dim, D] contracts two, the others [D, ...] one."""
+  return 2 if any(getattr(key, "key", None) == "o_proj" for key in path) else 1
+
+
+def _layer_kernels_fit_panels(params: dict) -> bool:
+  kernels = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(params["layers"])
+             if getattr(path[-1], "key", None) == "kernel"]
+  return all(row_matmul.can_panel(x.shape[1:], _kernel_contract_ndim(path)) for path, x in kernels)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _jitted_decode_weights(params: dict, config: LlamaConfig, panels: bool) -> DecodeWeights:
+  layers = llama.unstack_layers(params)
+  if not panels:
+    return DecodeWeights(layers, _lm_head_column_blocks(params, config))
+  to_panels = lambda path, x: (row_matmul.to_panels(x, _kernel_contract_ndim(path))
+                               if getattr(path[-1], "key", None) == "kernel" else x)
+  layers = [jax.tree_util.tree_map_with_path(to_panels, layer) for layer in layers]
+  return DecodeWeights(layers, _lm_head_panels(params, config), panel_kernels=True)
 
 
 @gin.configurable
@@ -308,7 +363,7 @@ class KVBuffers:
 def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              stop_ids: Sequence[int], temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              batch_size: int = 8, mesh: Mesh | None = None, keep_stop_token: bool = False,
-             decode_weights: dict | None | str = "auto", compact_granularity: int = 16,
+             decode_weights: DecodeWeights | None | str = "auto", compact_granularity: int = 16,
              kv_buffers: KVBuffers | None = None) -> list[list[int]]:
   """Continues each prompt (token ids) and returns its new token ids, in the order of `prompts`.
 
@@ -323,8 +378,8 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     batch_size: rows per compiled batch (prompts are grouped by length bucket; short batches are padded).
     mesh: when given with >1 data-parallel device, batches are split over its data axes.
     keep_stop_token: whether the returned ids end with the stop id that ended the row.
-    decode_weights: the weights to decode from, as `make_decode_weights(params, config)` makes them once for many
-      calls; None steps the stacked layers of `params`; "auto" calls `make_decode_weights` (once per call).
+    decode_weights: the weights to decode from, as `make_decode_weights(params, config, mesh)` makes them once for
+      many calls; None steps the stacked layers of `params`; "auto" calls `make_decode_weights` (once per call).
     compact_granularity: the prompt prefill runs its projections and MLP on the real tokens only, their count
       rounded up to this (one compiled program per count: `token_layout.prefill_token_budget`); 0 computes the
       padded rows too (bench/README.md: ~10% of the prefill for 8 RAG prompts).
@@ -348,7 +403,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     if decode_weights != "auto":
       raise ValueError("generate: decode_weights must be make_decode_weights(params, config), None or 'auto', got "
                        f"{decode_weights!r}")
-    decode_weights = make_decode_weights(params, config)
+    decode_weights = make_decode_weights(params, config, mesh)
   rows_per_batch = -(-batch_size // data_parallel_size(mesh)) * data_parallel_size(mesh)
   stop = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
   base_key = jax.random.key(seed)

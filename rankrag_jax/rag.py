@@ -29,7 +29,7 @@ import numpy as np
 # Every Gin-configurable module is imported here, before --gin_file is parsed (Gin locks its registry then).
 from rankrag_jax import assets, cli, prompts, rerank, sharding
 from rankrag_jax.convert import load
-from rankrag_jax.generate import KVBuffers, generate, make_decode_weights, max_new_tokens_for_task
+from rankrag_jax.generate import DecodeWeights, KVBuffers, generate, make_decode_weights, max_new_tokens_for_task
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import param_logical_axes
 from rankrag_jax.retrieval import bm25, dense
@@ -54,7 +54,7 @@ class RagModel:
   params: dict
   tokenizer: object
   mesh: jax.sharding.Mesh | None = None
-  decode_weights: dict | None | str = "auto"
+  decode_weights: DecodeWeights | None | str = "auto"
   kv_buffers: KVBuffers = dataclasses.field(default_factory=KVBuffers)
 
 
@@ -85,7 +85,7 @@ def load_rag_model(checkpoint: str, mesh_from_gin: bool = False) -> RagModel:
   if jax.device_count() > 1:
     mesh = sharding.make_mesh() if mesh_from_gin else sharding.make_mesh(data=-1, fsdp=1, tensor=1)
     params = place_on_mesh(params, config, mesh)
-  return RagModel(config, params, tokenizer, mesh, make_decode_weights(params, config))
+  return RagModel(config, params, tokenizer, mesh, make_decode_weights(params, config, mesh))
 
 
 def build_search(corpus, kind: str = "bm25") -> Search:

@@ -61,14 +61,25 @@ def test_shared_prefix_length_rounds_down_and_leaves_each_row_a_token():
   assert generate_lib.shared_prefix_length(PROMPTS) == 0
 
 
+def decode_weights(params, config, kind):
+  """The weights generate steps: "panels" (the CPU default), "unstacked" (per-layer, XLA dots) or "stacked"."""
+  if kind == "stacked":
+    return None
+  weights = generate_lib.make_decode_weights(params, config, panel_kernels_on_cpu=kind == "panels")
+  assert weights.panel_kernels == (kind == "panels")  # "panels" needs the compiled row_matmul kernel
+  return weights
+
+
+DECODE_WEIGHTS = ["panels", "unstacked", "stacked"]
+
+
 @pytest.mark.parametrize("compact", [16, 0], ids=["compact_prefill", "padded_prefill"])
-@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
+@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
 @pytest.mark.parametrize("prompts", [PROMPTS, PREFIXED_PROMPTS], ids=["different", "shared_prefix"])
-def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, unstack, prompts, compact):
+def test_kv_cache_greedy_equals_repeated_full_forwards(tiny_model, weights, prompts, compact):
   config, params = tiny_model
   got = generate_lib.generate(params, config, prompts, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
-                              decode_weights=generate_lib.make_decode_weights(params, config) if unstack else None,
-                              compact_granularity=compact)
+                              decode_weights=decode_weights(params, config, weights), compact_granularity=compact)
   for prompt, new in zip(prompts, got):
     assert new == greedy_by_full_forwards(config, params, prompt, MAX_NEW)
 
@@ -87,18 +98,35 @@ def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch, reques
   assert [b.shape for b in blocks] == [(64, 100), (64, 100), (64, 56)]
   hidden = jax.random.normal(jax.random.key(2), (3, config.hidden_size))
   want = llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden)
-  np.testing.assert_allclose(generate_lib._logits_from_column_blocks(config, blocks, hidden), want, rtol=1e-5, atol=1e-5)
+  got = generate_lib._lm_head_logits(config, generate_lib.DecodeWeights([], blocks), hidden)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=6, stop_ids=[], batch_size=4,
-                              decode_weights=generate_lib.make_decode_weights(params, config))
+                              decode_weights=decode_weights(params, config, "unstacked"))
   assert got == [greedy_by_full_forwards(config, params, prompt, 6) for prompt in PREFIXED_PROMPTS]
 
 
-@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
-def test_reused_kv_buffers_hold_nothing_over_between_calls(tiny_model, unstack):
+@pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied_embeddings"])
+def test_lm_head_in_panels_equals_full_forwards(tied):
+  # The panel-order output projection: 250 columns are padded to 256 for the kernel, and the logits cut back.
+  config = config_lib.tiny(tie_word_embeddings=tied, vocab_size=250)
+  params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(1))
+  weights = decode_weights(params, config, "panels")
+  hidden = jax.random.normal(jax.random.key(2), (3, config.hidden_size))
+  want = llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden)
+  got = generate_lib._lm_head_logits(config, weights, hidden)
+  assert got.shape == (3, 250)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=6, stop_ids=[], batch_size=4,
+                              decode_weights=weights)
+  assert got == [greedy_by_full_forwards(config, params, prompt, 6) for prompt in PREFIXED_PROMPTS]
+
+
+@pytest.mark.parametrize("kind", DECODE_WEIGHTS)
+def test_reused_kv_buffers_hold_nothing_over_between_calls(tiny_model, kind):
   # A call writes its cache into the previous same-shape call's (donated) buffer: the second batch must decode as
   # from fresh memory, although the buffer still holds the first batch's keys and values (and more slots of them).
   config, params = tiny_model
-  weights = generate_lib.make_decode_weights(params, config) if unstack else None
+  weights = decode_weights(params, config, kind)
   buffers = generate_lib.KVBuffers()
   first = [[row] + list(range(61, 76)) for row in range(4)]  # no common prefix; fills the 16-token bucket
   generate_lib.generate(params, config, first, max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4,
@@ -138,13 +166,13 @@ def test_short_budgets_equal_repeated_full_forwards(tiny_model, max_new):
   assert got == [greedy_by_full_forwards(config, params, prompt, max_new) for prompt in PREFIXED_PROMPTS]
 
 
-@pytest.mark.parametrize("unstack", [True, False], ids=["unstacked", "stacked"])
-def test_long_prefills_attend_block_by_block_and_equal_full_forwards(tiny_model, unstack):
+@pytest.mark.parametrize("kind", ["panels", "stacked"])
+def test_long_prefills_attend_block_by_block_and_equal_full_forwards(tiny_model, kind):
   # Suffixes longer than ops.PREFILL_QUERY_BLOCK after a shared prefix: the prefill runs in query blocks.
   config, params = tiny_model
   prompts = [SHARED + list(range(1, 120)), SHARED + list(range(30, 100)), SHARED + [7] * 3]
   got = generate_lib.generate(params, config, prompts, max_new_tokens=3, stop_ids=[], batch_size=4,
-                              decode_weights=generate_lib.make_decode_weights(params, config) if unstack else None)
+                              decode_weights=decode_weights(params, config, kind))
   assert got == [greedy_by_full_forwards(config, params, prompt, 3, width=160) for prompt in prompts]
 
 

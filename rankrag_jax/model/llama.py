@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from rankrag_jax.model import axes
 from rankrag_jax.model import ops
+from rankrag_jax.model import row_matmul
 from rankrag_jax.model import token_layout
 from rankrag_jax.model.config import LlamaConfig
 
@@ -103,7 +104,9 @@ def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: Array 
 
 def _dense_kwargs(cfg: LlamaConfig) -> dict:
   kwargs = {"use_bias": False, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
-  if cfg.flatten_matmul_tokens:
+  if cfg.panel_kernels:
+    kwargs["dot_general"] = row_matmul.panel_dot_general
+  elif cfg.flatten_matmul_tokens:
     kwargs["dot_general"] = ops.token_flattened_dot_general
   return kwargs
 
