@@ -140,10 +140,16 @@ def decode_batch(params: dict, weights: "DecodeWeights | None", config: LlamaCon
   unstack_layers = weights is not None
   if unstack_layers:  # each step reads every layer's weights and cache in place.
     layer_config = dataclasses.replace(config, panel_kernels=weights.panel_kernels)
-    forward = functools.partial(llama.unstacked_hidden_states, layer_config, params, weights.layers)
+    step_forward = functools.partial(llama.unstacked_hidden_states, layer_config, params, weights.layers)
+    prefill_forward = step_forward
+    if weights.panel_kernels:
+      # The prompt's products are compute-bound, as fast on XLA's dots as on row_matmul: they read the stacked
+      # [K, N] kernels (each slice a contiguous copy) rather than panel kernels restored per product (slower).
+      prefill_forward = functools.partial(llama.unstacked_hidden_states, config, params,
+                                          llama.unstack_layers(params))
     lm_head = functools.partial(_lm_head_logits, config, weights)
   else:
-    forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
+    step_forward = prefill_forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
     lm_head = functools.partial(model.apply, {"params": params}, method=Llama.logits_from_hidden)
   # The cache's index is static during the prefill: it attends block by block (ops.prefill_blockwise_attention).
   # The prompt slots are all written below; the new tokens' slots are zeroed, so nothing stale is ever read.
@@ -153,14 +159,14 @@ def decode_batch(params: dict, weights: "DecodeWeights | None", config: LlamaCon
   if p:  # the rows' common prefix runs once (batch 1); its keys/values are then every row's first slots.
     prefix = llama.init_cache(config, 1, p, per_layer=unstack_layers)
     prefix["index"] = 0
-    _, prefix = forward(tokens[:1, :p], positions[:1, :p], segment_ids[:1, :p], prefix,
-                        output_slots=jnp.full((1, 1), p - 1, jnp.int32))  # only its cache is used
+    _, prefix = prefill_forward(tokens[:1, :p], positions[:1, :p], segment_ids[:1, :p], prefix,
+                                output_slots=jnp.full((1, 1), p - 1, jnp.int32))  # only its cache is used
     cache = _with_prefix_in_every_row(cache, prefix)
   layout = token_layout.make_layout(segment_ids[:, p:], num_shards, num_tokens) if num_tokens else None
   # Only each prompt's last token needs logits: with per-layer weights the last layer runs its queries and MLP
   # there only (the stacked layers gather it after the last layer).
-  hidden, cache = forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache, layout=layout,
-                          output_slots=(lengths - 1 - p)[:, None])
+  hidden, cache = prefill_forward(tokens[:, p:], positions[:, p:], segment_ids[:, p:], cache, layout=layout,
+                                  output_slots=(lengths - 1 - p)[:, None])
   cache["index"] = jnp.int32(cache["index"])  # the decode loop carries it
   last_hidden = hidden[:, 0]
   logits = lm_head(last_hidden)
@@ -173,7 +179,7 @@ def decode_batch(params: dict, weights: "DecodeWeights | None", config: LlamaCon
 
   def emit_and_step(state):
     (step, cache, _, done, new_tokens, num_new), token = emit(state)
-    hidden, cache = forward(token[:, None], (lengths + step - 1)[:, None], jnp.ones((batch, 1), jnp.int32), cache)
+    hidden, cache = step_forward(token[:, None], (lengths + step - 1)[:, None], jnp.ones((batch, 1), jnp.int32), cache)
     logits = lm_head(hidden[:, 0])
     return step, cache, logits, done, new_tokens, num_new
 

@@ -18,8 +18,8 @@ def dense_dimension_numbers(lead_ndim: int, in_ndim: int):
     ((3,), (64,), (24,)),  # fewer rows than a panel holds
     ((13, 1), (9, 64), (72,)),  # o_proj's two contracted axes; rows over two row groups
     ((2, 4), (64,), (3, 16)),  # k_proj's two output axes
-    ((32,), (40,), (24,)),  # MAX_ROWS: still the kernel
-    ((33,), (40,), (16,)),  # more rows: XLA's dot on the restored kernel
+    ((128,), (40,), (24,)),  # MAX_ROWS: still the kernel
+    ((129,), (40,), (16,)),  # more rows: XLA's dot on the restored kernel
 ])
 def test_panel_dot_general_equals_dot_general(lead, k_in, n_out):
   assert row_matmul.available()  # compiled with the host's compiler into the cache

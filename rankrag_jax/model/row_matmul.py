@@ -32,9 +32,10 @@ Array = jax.Array
 
 # Columns per panel (one 256-bit vector of f32); a panelled kernel's output features must be a multiple of it.
 PANEL = 8
-# Products with more rows than this (prefills) run as XLA dots on the [K, N] kernel: they are compute-bound and
-# Eigen's blocked GEMM runs them at the machine's matmul rate.
-MAX_ROWS = 32
+# Products with more rows than this (prompt prefills) run as XLA dots on the restored [K, N] kernel: Eigen's
+# blocked GEMM runs them faster. Up to it (decode steps, a shared prompt prefix) the kernel is faster than that
+# dot plus restoring the kernel (SmolLM2's [576, 1536] at 128 rows: 2.9 vs 4.3 ms; bench/README.md, session 15).
+MAX_ROWS = 128
 _TARGET = "rankrag_row_matmul"
 _SOURCE = pathlib.Path(__file__).with_name("row_matmul.cc")
 
