@@ -1,5 +1,6 @@
 """KV-cache decoding equals decoding by repeated full forward passes; sampling is reproducible by seed."""
 
+import dataclasses
 import functools
 
 import gin
@@ -71,6 +72,18 @@ def decode_weights(params, config, kind):
 
 
 DECODE_WEIGHTS = ["panels", "unstacked", "stacked"]
+
+
+def test_decode_weights_keep_the_kernels_layout_without_row_matmul(tiny_model, monkeypatch):
+  # No C++ compiler (row_matmul unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
+  config, params = tiny_model
+  monkeypatch.setattr(generate_lib.row_matmul, "available", lambda: False)
+  weights = generate_lib.make_decode_weights(params, config)
+  assert not weights.panel_kernels
+  np.testing.assert_array_equal(weights.layers[1]["mlp"]["up_proj"]["kernel"],
+                                params["layers"]["mlp"]["up_proj"]["kernel"][1])
+  monkeypatch.undo()
+  assert not generate_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).panel_kernels
 
 
 @pytest.mark.parametrize("compact", [16, 0], ids=["compact_prefill", "padded_prefill"])
@@ -244,3 +257,24 @@ def test_bad_generation_inputs_are_rejected(tiny_model):
   with pytest.raises(ValueError, match="decode_weights must be"):
     generate_lib.generate(params, config, [[1]], max_new_tokens=4, stop_ids=[], decode_weights="stacked")
   assert generate_lib.generate(params, config, [], max_new_tokens=4, stop_ids=[]) == []
+
+
+def test_smollm2_greedy_tokens_equal_transformers(tmp_path):
+  """Real SmolLM2-135M-Instruct weights, decoded from the CPU decode weights (panel kernels through row_matmul):
+  the same greedy tokens as transformers' `generate` on the exported weights."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from rankrag_jax.convert import hf, load  # pylint: disable=g-import-not-at-top
+  config, params, tok = load.load_model("smollm2_135m_instruct")
+  questions = ["What is the capital of France?", "Name a colour of the sky.", "How many legs has a spider?"]
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_bos=tok.add_bos_by_default)
+             for q in questions]
+  weights = decode_weights(params, config, "panels")
+  got = generate_lib.generate(params, config, prompts, max_new_tokens=8, stop_ids=[], decode_weights=weights)
+  hf.save_hf_checkpoint(tmp_path, config, params)
+  reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+  for prompt, new in zip(prompts, got):
+    out = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False)
+    want = out[0, len(prompt):].tolist()  # up to its end-of-turn token, where transformers stops and we do not
+    assert len(want) >= 4 and new[:len(want)] == want

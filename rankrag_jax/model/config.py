@@ -50,9 +50,6 @@ class LlamaConfig:
   # Projections and the LM head as 2-D [tokens, features] matmuls (ops.token_flattened_dot_general): XLA:CPU
   # runs their backward ~1.5x faster.
   flatten_matmul_tokens: bool = False
-  # The layers' kernels are in `row_matmul.to_panels` order (the CPU decode weights of
-  # `generate.make_decode_weights` set it): projections run through `row_matmul.panel_dot_general`.
-  panel_kernels: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -102,9 +102,9 @@ def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: Array 
   return (same & causal[None])[:, None]
 
 
-def _dense_kwargs(cfg: LlamaConfig) -> dict:
+def _dense_kwargs(cfg: LlamaConfig, panel_kernels: bool) -> dict:
   kwargs = {"use_bias": False, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
-  if cfg.panel_kernels:
+  if panel_kernels:  # the kernels are in `row_matmul.to_panels` order (CPU decode weights)
     kwargs["dot_general"] = row_matmul.panel_dot_general
   elif cfg.flatten_matmul_tokens:
     kwargs["dot_general"] = ops.token_flattened_dot_general
@@ -113,6 +113,7 @@ def _dense_kwargs(cfg: LlamaConfig) -> dict:
 
 class Attention(nn.Module):
   config: LlamaConfig
+  panel_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None, layout=None, query_slots=None):
@@ -121,7 +122,7 @@ class Attention(nn.Module):
     cfg = self.config
     if query_slots is not None and kv_cache is None:
       raise ValueError("Attention: query_slots needs a KV cache (the cache-free attention paths take every query)")
-    dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg))
+    dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg, self.panel_kernels))
     q_x, q_sin, q_cos = x, sin, cos
     if query_slots is not None:
       q_x, q_sin, q_cos = (token_layout.take_slots(a, query_slots, layout) for a in (x, sin, cos))
@@ -165,11 +166,12 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   config: LlamaConfig
+  panel_kernels: bool = False
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dense = functools.partial(nn.Dense, **_dense_kwargs(cfg))
+    dense = functools.partial(nn.Dense, **_dense_kwargs(cfg, self.panel_kernels))
     gate = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="gate_proj")(x)
     up = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
@@ -180,19 +182,21 @@ class DecoderLayer(nn.Module):
   """One pre-norm block; the scan body. Returns (x, per-layer cache) as nn.scan expects (carry, ys).
 
   With `query_slots` [B, K] (the last layer, when only some positions' outputs are needed; with a cache): the
-  output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended)."""
+  output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended).
+  With panel_kernels, the projection kernels are in `row_matmul.to_panels` order (`generate`'s CPU decode steps)."""
   config: LlamaConfig
+  panel_kernels: bool = False
 
   @nn.compact
   def __call__(self, x, sin, cos, mask, layout, cache_index, kv_cache, query_slots=None):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-    h, new_cache = Attention(cfg, name="attn")(norm(name="attn_norm")(x), sin, cos, mask, kv_cache, cache_index,
-                                               layout, query_slots)
+    h, new_cache = Attention(cfg, self.panel_kernels, name="attn")(norm(name="attn_norm")(x), sin, cos, mask,
+                                                                   kv_cache, cache_index, layout, query_slots)
     if query_slots is not None:
       x = token_layout.take_slots(x, query_slots, layout)
     x = x + h
-    x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
+    x = x + MLP(cfg, self.panel_kernels, name="mlp")(norm(name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     return x, new_cache
 
@@ -334,8 +338,9 @@ def unstack_layers(params: dict) -> list[dict]:
 
 def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
                             segment_ids: Array, cache: dict, layout: token_layout.TokenLayout | None = None,
-                            output_slots: Array | None = None) -> tuple[Array, dict]:
-  """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`.
+                            output_slots: Array | None = None, panel_kernels: bool = False) -> tuple[Array, dict]:
+  """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`
+  (with panel_kernels: their kernels in `row_matmul.to_panels` order).
 
   For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
   the stack (XLA:CPU copies them, ~40% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
@@ -347,7 +352,7 @@ def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict
     tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
   x = model.apply({"params": params}, tokens, method=Llama.embed)
   sin, cos = rope_sin_cos(positions, config)
-  layer, ks, vs = DecoderLayer(config), [], []
+  layer, ks, vs = DecoderLayer(config, panel_kernels), [], []
   for i, (layer_params, k, v) in enumerate(zip(layers, cache["k"], cache["v"])):
     query_slots = output_slots if i == len(layers) - 1 else None
     x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, layout, cache["index"], {"k": k, "v": v},
