@@ -10,6 +10,7 @@ The kernel is C++ registered through `jax.ffi`, compiled on first use with the h
 whether that worked; callers fall back to XLA's dots when it did not (no compiler, another backend).
 """
 
+import ctypes
 import functools
 import hashlib
 import math
@@ -19,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import ctypes
 
 import jax
 import jax.numpy as jnp
