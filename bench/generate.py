@@ -9,8 +9,9 @@ row (no stop ids, so neither stops early) in one batch:
 
   ours: `generate.generate` (one jitted prefill, the batch's common prompt prefix computed once and only the rest
         of each prompt padded, its projections and MLP on the real tokens only, then a `lax.while_loop` of
-        one-token steps over an explicit per-layer KV cache, per-layer weights and the LM head in column blocks;
-        those are made once at load by `generate.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
+        one-token steps over an explicit per-layer KV cache, per-layer weights and the LM head in 8-column panels
+        whose few-row products run on both cores (`model/row_matmul`); those are made once at load by
+        `generate.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
         not inside the timed call; the calls reuse their KV cache memory through one `generate.KVBuffers`, as a
         `rag.RagModel`'s do);
   reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
