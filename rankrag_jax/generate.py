@@ -138,14 +138,13 @@ def decode_batch(params: dict, weights: "DecodeWeights | None", config: LlamaCon
   segment_ids = (slots[None, :] < lengths[:, None]).astype(jnp.int32)
   unstack_layers = weights is not None
   if unstack_layers:  # each step reads every layer's weights and cache in place.
-    step_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.layers,
-                                     panel_kernels=weights.panel_kernels)
-    prefill_forward = step_forward
+    # The prompt's products (hundreds of rows) run as XLA's dots on the [K, N] copies, decode steps' on the
+    # panel copies when there are some.
+    prefill_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.layers)
+    step_forward = prefill_forward
     if weights.panel_kernels:
-      # The prompt's products (hundreds of rows) run faster as XLA's dots on [K, N] kernels: sliced from the
-      # stacked params (contiguous copies, ~70 ms per call) rather than restored from the panels (~130 ms).
-      prefill_forward = functools.partial(llama.unstacked_hidden_states, config, params,
-                                          llama.unstack_layers(params))
+      step_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.panel_layers,
+                                       panel_kernels=True)
     lm_head = functools.partial(_lm_head_logits, config, weights)
   else:
     step_forward = prefill_forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
@@ -284,13 +283,17 @@ def _jitted_decode_batch(backend: str):
 
 @flax.struct.dataclass
 class DecodeWeights:
-  """What `decode_batch` steps on the CPU backend (`make_decode_weights`): each layer's weights (a list of
-  per-layer param dicts) and the output projection [D, V] in column blocks. With panel_kernels (static), every
-  layer kernel and the output projection are in `row_matmul.to_panels` order and run through its thread-pool
-  kernel."""
+  """What `decode_batch` runs on the CPU backend (`make_decode_weights`): each layer's weights (a list of per-layer
+  param dicts), the output projection [D, V] in column blocks, and optionally the layers again with every kernel in
+  `row_matmul.to_panels` order (then the output projection is one panel-order block): decode steps then run
+  their products through row_matmul's thread-pool kernel, while the prompt's run as XLA's dots on `layers`."""
   layers: list
   lm_head_blocks: list
-  panel_kernels: bool = flax.struct.field(pytree_node=False, default=False)
+  panel_layers: list | None = None
+
+  @property
+  def panel_kernels(self) -> bool:
+    return self.panel_layers is not None  # static: None is part of the pytree's structure
 
 
 @gin.configurable(denylist=["params", "config", "mesh"])
@@ -302,8 +305,10 @@ def make_decode_weights(params: dict, config: LlamaConfig, mesh: Mesh | None = N
   unstack_layers_on_cpu=False (for a model near the host's memory).
 
   With panel_kernels_on_cpu (and f32 weights, a mesh of at most one device, and `row_matmul.available()`), the
-  copies are in `row_matmul` panel order: decode steps then split each product over the cores, ~1.6x faster on
-  the benchmark machine (bench/README.md, session 15).
+  layers are also copied in `row_matmul` panel order: decode steps then split each product over the cores, ~1.6x
+  faster on the benchmark machine (bench/README.md, session 15). The prompt prefill keeps the [K, N] copies:
+  slicing the stacked params there instead made a temporary as large, and a slower call (SmolLM2: peak RSS 2,660
+  vs 2,430 MiB).
 
   A caller that generates many times from the same params makes them once (`rag.load_rag_model` does) and passes
   them as `generate(..., decode_weights=...)`: copying SmolLM2's takes ~0.3 s (the LM head ~0.1 s of it).
@@ -333,8 +338,8 @@ def _jitted_decode_weights(params: dict, config: LlamaConfig, panels: bool) -> D
     return DecodeWeights(layers, _lm_head_column_blocks(params, config))
   to_panels = lambda path, x: (row_matmul.to_panels(x, _kernel_contract_ndim(path))
                                if getattr(path[-1], "key", None) == "kernel" else x)
-  layers = [jax.tree_util.tree_map_with_path(to_panels, layer) for layer in layers]
-  return DecodeWeights(layers, _lm_head_panels(params, config), panel_kernels=True)
+  panel_layers = [jax.tree_util.tree_map_with_path(to_panels, layer) for layer in layers]
+  return DecodeWeights(layers, _lm_head_panels(params, config), panel_layers)
 
 
 @gin.configurable
