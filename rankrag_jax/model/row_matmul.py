@@ -23,7 +23,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from rankrag_jax import assets
@@ -32,9 +31,9 @@ Array = jax.Array
 
 # Columns per panel (one 256-bit vector of f32); a panelled kernel's output features must be a multiple of it.
 PANEL = 8
-# Products with more rows than this (prompt prefills) run as XLA dots on the restored [K, N] kernel: Eigen's
-# blocked GEMM runs them faster. Up to it (decode steps, a shared prompt prefix) the kernel is faster than that
-# dot plus restoring the kernel (SmolLM2's [576, 1536] at 128 rows: 2.9 vs 4.3 ms; bench/README.md, session 15).
+# Products with more rows than this run as XLA dots on the restored [K, N] kernel: with many rows Eigen's blocked
+# GEMM is faster (so `generate` runs prompts on [K, N] copies). Up to it the kernel is faster than that dot plus
+# restoring the kernel (SmolLM2's [576, 1536] at 128 rows: 2.9 vs 4.3 ms; bench/README.md, session 15).
 MAX_ROWS = 128
 _TARGET = "rankrag_row_matmul"
 _SOURCE = pathlib.Path(__file__).with_name("row_matmul.cc")
