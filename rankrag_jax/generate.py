@@ -325,9 +325,12 @@ def _kernel_contract_ndim(path) -> int:
   return 2 if any(getattr(key, "key", None) == "o_proj" for key in path) else 1
 
 
+def _is_kernel(path) -> bool:
+  return getattr(path[-1], "key", None) == "kernel"
+
+
 def _layer_kernels_fit_panels(params: dict) -> bool:
-  kernels = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(params["layers"])
-             if getattr(path[-1], "key", None) == "kernel"]
+  kernels = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(params["layers"]) if _is_kernel(path)]
   return all(row_matmul.can_panel(x.shape[1:], _kernel_contract_ndim(path)) for path, x in kernels)
 
 
@@ -336,8 +339,7 @@ def _jitted_decode_weights(params: dict, config: LlamaConfig, panels: bool) -> D
   layers = llama.unstack_layers(params)
   if not panels:
     return DecodeWeights(layers, _lm_head_column_blocks(params, config))
-  to_panels = lambda path, x: (row_matmul.to_panels(x, _kernel_contract_ndim(path))
-                               if getattr(path[-1], "key", None) == "kernel" else x)
+  to_panels = lambda path, x: row_matmul.to_panels(x, _kernel_contract_ndim(path)) if _is_kernel(path) else x
   panel_layers = [jax.tree_util.tree_map_with_path(to_panels, layer) for layer in layers]
   return DecodeWeights(layers, _lm_head_panels(params, config), panel_layers)
 

@@ -92,18 +92,24 @@ def can_panel(kernel_shape: tuple[int, ...], contract_ndim: int = 1) -> bool:
   return _split(kernel_shape, contract_ndim)[1] % PANEL == 0
 
 
+def _panel_split(kernel_shape: tuple[int, ...], contract_ndim: int) -> tuple[int, int]:
+  k, n = _split(kernel_shape, contract_ndim)
+  if n % PANEL:
+    raise ValueError(f"row_matmul: a kernel of shape {kernel_shape} has {n} output features, not a multiple of "
+                     f"{PANEL}")
+  return k, n
+
+
 def to_panels(kernel: Array, contract_ndim: int = 1) -> Array:
   """A Dense kernel [*in, *out] (contracted over its first `contract_ndim` axes: K inputs, N outputs) with its
   elements in panel order, [N / 8, K, 8], viewed in the kernel's own shape (so Flax modules accept it)."""
-  k, n = _split(kernel.shape, contract_ndim)
-  if n % PANEL:
-    raise ValueError(f"to_panels: the kernel's {n} output features are not a multiple of {PANEL}")
+  k, n = _panel_split(kernel.shape, contract_ndim)
   return kernel.reshape(k, n // PANEL, PANEL).transpose(1, 0, 2).reshape(kernel.shape)
 
 
 def from_panels(kernel: Array, contract_ndim: int = 1) -> Array:
   """The inverse of `to_panels`."""
-  k, n = _split(kernel.shape, contract_ndim)
+  k, n = _panel_split(kernel.shape, contract_ndim)
   return kernel.reshape(n // PANEL, k, PANEL).transpose(1, 0, 2).reshape(kernel.shape)
 
 
@@ -111,14 +117,13 @@ def panel_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
                       preferred_element_type=None) -> Array:
   """`lax.dot_general` (as Flax's Dense and DenseGeneral call it) of activations [..., *in] with a kernel from
   `to_panels`: the thread-pool kernel for up to MAX_ROWS f32 rows, an XLA dot on the restored kernel otherwise."""
-  del precision, preferred_element_type  # f32 in, f32 out
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   n_in = len(rhs_contract)
   if lhs_batch or rhs_batch or tuple(rhs_contract) != tuple(range(n_in)) or \
      tuple(lhs_contract) != tuple(range(lhs.ndim - n_in, lhs.ndim)):
     raise ValueError(f"panel_dot_general: expected a Dense contraction over the kernel's leading axes, got "
                      f"{dimension_numbers}")
-  k, n = _split(rhs.shape, n_in)
+  k, n = _panel_split(rhs.shape, n_in)
   lead, features = lhs.shape[:lhs.ndim - n_in], rhs.shape[n_in:]
   rows = math.prod(lead)
   x = lhs.reshape(rows, k)
@@ -126,5 +131,6 @@ def panel_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
     out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x, rhs.reshape(n // PANEL, k,
                                                                                                    PANEL))
   else:
-    out = x @ from_panels(rhs, n_in).reshape(k, n)
+    out = jnp.matmul(x, from_panels(rhs, n_in).reshape(k, n), precision=precision,
+                     preferred_element_type=preferred_element_type)
   return out.reshape(lead + features)
