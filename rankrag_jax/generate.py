@@ -28,6 +28,7 @@ from rankrag_jax.model import axes
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
+from rankrag_jax.model import cpu_kernels
 from rankrag_jax.model import row_matmul
 from rankrag_jax.model import token_layout
 from rankrag_jax.model.llama import Llama
@@ -140,11 +141,12 @@ def decode_batch(params: dict, weights: "DecodeWeights | None", config: LlamaCon
   if unstack_layers:  # each step reads every layer's weights and cache in place.
     # The prompt's products (hundreds of rows) run as XLA's dots on the [K, N] copies, decode steps' on the
     # panel copies when there are some.
-    prefill_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.layers)
+    prefill_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.layers,
+                                        cpu_attention=weights.cpu_kernels)
     step_forward = prefill_forward
-    if weights.panel_kernels:
+    if weights.cpu_kernels:
       step_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.panel_layers,
-                                       panel_kernels=True)
+                                       panel_kernels=True, cpu_attention=True)
     lm_head = functools.partial(_lm_head_logits, config, weights)
   else:
     step_forward = prefill_forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
@@ -222,7 +224,7 @@ def _lm_head_panels(params: dict, config: LlamaConfig) -> list[Array]:
 def _lm_head_logits(config: LlamaConfig, weights: "DecodeWeights", hidden: Array) -> Array:
   """`Llama.logits_from_hidden` of hidden [B, D] from the decode weights' LM head blocks: f32 logits [B, V]."""
   hidden = hidden.astype(config.dtype)
-  if weights.panel_kernels:
+  if weights.cpu_kernels:
     dot = lambda block: row_matmul.panel_dot_general(hidden, block, (((1,), (0,)), ((), ())))
   else:
     dot = lambda block: hidden @ block.astype(config.dtype)
@@ -286,27 +288,29 @@ class DecodeWeights:
   """What `decode_batch` runs on the CPU backend (`make_decode_weights`): each layer's weights (a list of per-layer
   param dicts), the output projection [D, V] in column blocks, and optionally the layers again with every kernel in
   `row_matmul.to_panels` order (then the output projection is one panel-order block): decode steps then run
-  their products through row_matmul's thread-pool kernel, while the prompt's run as XLA's dots on `layers`."""
+  their products through row_matmul's thread-pool kernel, while the prompt's run as XLA's dots on `layers`; with
+  those (`cpu_kernels`), the prompt's and the steps' cache attention runs `cpu_kernels.cached_attention`."""
   layers: list
   lm_head_blocks: list
   panel_layers: list | None = None
 
   @property
-  def panel_kernels(self) -> bool:
+  def cpu_kernels(self) -> bool:
     return self.panel_layers is not None  # static: None is part of the pytree's structure
 
 
 @gin.configurable(denylist=["params", "config", "mesh"])
 def make_decode_weights(params: dict, config: LlamaConfig, mesh: Mesh | None = None,
-                        unstack_layers_on_cpu: bool = True, panel_kernels_on_cpu: bool = True) -> DecodeWeights | None:
+                        unstack_layers_on_cpu: bool = True, use_cpu_kernels: bool = True) -> DecodeWeights | None:
   """The weights `generate` decodes from: on the CPU backend, per-layer copies of the layer weights
   (`llama.unstack_layers`) and the output projection in column blocks, which make decode steps ~2x faster for one
   more copy of the weights in memory; None (the stacked layers of `params`) on other backends or with
   unstack_layers_on_cpu=False (for a model near the host's memory).
 
-  With panel_kernels_on_cpu (and f32 weights, a mesh of at most one device, and `row_matmul.available()`), the
-  layers are also copied in `row_matmul` panel order: decode steps then split each product over the cores, ~1.6x
-  faster on the benchmark machine (bench/README.md, session 15). The prompt prefill keeps the [K, N] copies:
+  With use_cpu_kernels (and f32 weights, a mesh of at most one device, and `cpu_kernels.available()`), the layers are
+  also copied in `row_matmul` panel order: decode steps then split each product over the cores, ~1.6x faster on
+  the benchmark machine (bench/README.md, session 15), and the cache attention, the prompt's and the steps', runs
+  on the thread pool too (`cpu_attention.cc`; session 16). The prompt prefill keeps the [K, N] copies:
   slicing the stacked params there instead made a temporary as large, and a slower call (SmolLM2: peak RSS 2,660
   vs 2,430 MiB).
 
@@ -315,8 +319,9 @@ def make_decode_weights(params: dict, config: LlamaConfig, mesh: Mesh | None = N
   """
   if not unstack_layers_on_cpu or jax.default_backend() != "cpu":
     return None
-  panels = (panel_kernels_on_cpu and (mesh is None or mesh.size == 1) and config.dtype == jnp.float32
-            and config.param_dtype == jnp.float32 and _layer_kernels_fit_panels(params) and row_matmul.available())
+  panels = (use_cpu_kernels and (mesh is None or mesh.size == 1) and config.dtype == jnp.float32
+            and config.param_dtype == jnp.float32 and config.head_dim % row_matmul.PANEL == 0
+            and _layer_kernels_fit_panels(params) and cpu_kernels.available())
   return _jitted_decode_weights(params, config, panels)
 
 

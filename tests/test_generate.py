@@ -66,24 +66,24 @@ def decode_weights(params, config, kind):
   """The weights generate steps: "panels" (the CPU default), "unstacked" (per-layer, XLA dots) or "stacked"."""
   if kind == "stacked":
     return None
-  weights = generate_lib.make_decode_weights(params, config, panel_kernels_on_cpu=kind == "panels")
-  assert weights.panel_kernels == (kind == "panels")  # "panels" needs the compiled row_matmul kernel
+  weights = generate_lib.make_decode_weights(params, config, use_cpu_kernels=kind == "panels")
+  assert weights.cpu_kernels == (kind == "panels")  # "panels" needs the compiled CPU kernels
   return weights
 
 
 DECODE_WEIGHTS = ["panels", "unstacked", "stacked"]
 
 
-def test_decode_weights_keep_the_kernels_layout_without_row_matmul(tiny_model, monkeypatch):
-  # No C++ compiler (row_matmul unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
+def test_decode_weights_keep_the_kernels_layout_without_cpu_kernels(tiny_model, monkeypatch):
+  # No C++ compiler (cpu_kernels unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
   config, params = tiny_model
-  monkeypatch.setattr(generate_lib.row_matmul, "available", lambda: False)
+  monkeypatch.setattr(generate_lib.cpu_kernels, "available", lambda: False)
   weights = generate_lib.make_decode_weights(params, config)
-  assert not weights.panel_kernels
+  assert not weights.cpu_kernels
   np.testing.assert_array_equal(weights.layers[1]["mlp"]["up_proj"]["kernel"],
                                 params["layers"]["mlp"]["up_proj"]["kernel"][1])
   monkeypatch.undo()
-  assert not generate_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).panel_kernels
+  assert not generate_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).cpu_kernels
 
 
 @pytest.mark.parametrize("compact", [16, 0], ids=["compact_prefill", "padded_prefill"])

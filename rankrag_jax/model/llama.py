@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rankrag_jax.model import axes
+from rankrag_jax.model import cpu_kernels
 from rankrag_jax.model import ops
 from rankrag_jax.model import row_matmul
 from rankrag_jax.model import token_layout
@@ -112,8 +113,10 @@ def _dense_kwargs(cfg: LlamaConfig, panel_kernels: bool) -> dict:
 
 
 class Attention(nn.Module):
+  """With cpu_attention: attention over the KV cache runs `cpu_kernels.cached_attention` (f32, XLA:CPU, one device)."""
   config: LlamaConfig
   panel_kernels: bool = False
+  cpu_attention: bool = False
 
   @nn.compact
   def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None, layout=None, query_slots=None):
@@ -148,7 +151,9 @@ class Attention(nn.Module):
       k_all, v_all = write(kv_cache["k"], k), write(kv_cache["v"], v)
       new_cache = {"k": k_all, "v": v_all}
       k_all, v_all = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
-      if isinstance(cache_index, int) and q.shape[1] > ops.PREFILL_QUERY_BLOCK and query_slots is None:
+      if self.cpu_attention:
+        out = cpu_kernels.cached_attention(q, k_all, v_all, mask)
+      elif isinstance(cache_index, int) and q.shape[1] > ops.PREFILL_QUERY_BLOCK and query_slots is None:
         out = ops.prefill_blockwise_attention(q, k_all, v_all, mask, cache_index, ops.PREFILL_QUERY_BLOCK)
       else:
         out = ops.cached_attention(q, k_all, v_all, mask)
@@ -183,16 +188,18 @@ class DecoderLayer(nn.Module):
 
   With `query_slots` [B, K] (the last layer, when only some positions' outputs are needed; with a cache): the
   output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended).
-  With panel_kernels, the projection kernels are in `row_matmul.to_panels` order (`generate`'s CPU decode steps)."""
+  With panel_kernels, the projection kernels are in `row_matmul.to_panels` order (`generate`'s CPU decode steps);
+  with cpu_attention, the cache attention is `cpu_kernels.cached_attention`."""
   config: LlamaConfig
   panel_kernels: bool = False
+  cpu_attention: bool = False
 
   @nn.compact
   def __call__(self, x, sin, cos, mask, layout, cache_index, kv_cache, query_slots=None):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-    h, new_cache = Attention(cfg, self.panel_kernels, name="attn")(norm(name="attn_norm")(x), sin, cos, mask,
-                                                                   kv_cache, cache_index, layout, query_slots)
+    attention = Attention(cfg, self.panel_kernels, self.cpu_attention, name="attn")
+    h, new_cache = attention(norm(name="attn_norm")(x), sin, cos, mask, kv_cache, cache_index, layout, query_slots)
     if query_slots is not None:
       x = token_layout.take_slots(x, query_slots, layout)
     x = x + h
@@ -338,9 +345,11 @@ def unstack_layers(params: dict) -> list[dict]:
 
 def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
                             segment_ids: Array, cache: dict, layout: token_layout.TokenLayout | None = None,
-                            output_slots: Array | None = None, panel_kernels: bool = False) -> tuple[Array, dict]:
+                            output_slots: Array | None = None, panel_kernels: bool = False,
+                            cpu_attention: bool = False) -> tuple[Array, dict]:
   """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`
-  (with panel_kernels: their kernels in `row_matmul.to_panels` order).
+  (with panel_kernels: their kernels in `row_matmul.to_panels` order; with cpu_attention, attention through
+  `cpu_kernels.cached_attention`).
 
   For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
   the stack (XLA:CPU copies them, ~40% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
@@ -352,7 +361,7 @@ def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict
     tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
   x = model.apply({"params": params}, tokens, method=Llama.embed)
   sin, cos = rope_sin_cos(positions, config)
-  layer, ks, vs = DecoderLayer(config, panel_kernels), [], []
+  layer, ks, vs = DecoderLayer(config, panel_kernels, cpu_attention), [], []
   for i, (layer_params, k, v) in enumerate(zip(layers, cache["k"], cache["v"])):
     query_slots = output_slots if i == len(layers) - 1 else None
     x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, layout, cache["index"], {"k": k, "v": v},

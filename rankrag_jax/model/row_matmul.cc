@@ -5,7 +5,7 @@
 // the weights, which are stored in 8-column panels ([N / 8, K, 8], made once by row_matmul.to_panels) so that each
 // thread reads contiguous memory: a strided [K, N] read misses the TLB at every row.
 //
-// Built and registered by row_matmul.py (`jax.ffi`); compiled on first use with the host's C++ compiler.
+// Built and registered by cpu_kernels.py (`jax.ffi`); compiled on first use with the host's C++ compiler.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>

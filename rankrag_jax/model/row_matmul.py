@@ -5,27 +5,16 @@ Why: XLA:CPU computes a decode step's [rows, d] x [d, f] products on one thread,
 half of what the machine reads; they are most of a step (bench/README.md, session 15). `row_matmul.cc` splits
 each product's columns over the intra-op thread pool and reads each thread's weights as one contiguous stream.
 
-The kernel is C++ registered through `jax.ffi`, compiled on first use with the host's C++ compiler (`$CXX`, else
-`c++`) into the cache (`assets.cache_root()`), keyed by its source, jax's version and the CPU. `available()` says
-whether that worked; callers fall back to XLA's dots when it did not (no compiler, another backend).
+The kernel is C++ registered through `jax.ffi` (built by `cpu_kernels`); without it (`cpu_kernels.available()`
+False: no compiler, another backend), `panel_dot_general` runs XLA's dot on the restored kernel.
 """
 
-import ctypes
-import functools
-import hashlib
 import math
-import os
-import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
-from rankrag_jax import assets
+from rankrag_jax.model import cpu_kernels
 
 Array = jax.Array
 
@@ -35,53 +24,6 @@ PANEL = 8
 # GEMM is faster (so `generate` runs prompts on [K, N] copies). Up to it the kernel is faster than that dot plus
 # restoring the kernel (SmolLM2's [576, 1536] at 128 rows: 2.9 vs 4.3 ms; bench/README.md, session 15).
 MAX_ROWS = 128
-_TARGET = "rankrag_row_matmul"
-_SOURCE = pathlib.Path(__file__).with_name("row_matmul.cc")
-
-
-def _cpu_id() -> str:
-  """The CPU model and feature flags: the library is compiled with -march=native for this CPU only."""
-  try:
-    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-  except OSError:
-    return platform.processor() or platform.machine()
-  keys = ("model name", "flags", "Features", "CPU part")
-  return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
-
-
-def _compile(library: pathlib.Path) -> None:
-  compiler = os.environ.get("CXX", "c++")
-  if shutil.which(compiler) is None:
-    raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
-  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-    built = pathlib.Path(tmp) / library.name
-    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")
-    os.replace(built, library)  # atomic: another process sees the whole library or none.
-
-
-@functools.cache
-def available() -> bool:
-  """True once the kernel is compiled (or found in the cache) and registered for the CPU backend."""
-  if jax.default_backend() != "cpu":
-    return False
-  key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), jax.__version__.encode(), _cpu_id().encode()]))
-  library = assets.cache_root() / "kernels" / f"row_matmul-{key.hexdigest()[:16]}.so"
-  try:
-    if not library.exists():
-      with assets.exclusive_lock(library.with_suffix(".lock")):
-        if not library.exists():
-          logging.info("Compiling %s into %s", _SOURCE.name, library)
-          _compile(library)
-    handler = ctypes.cdll.LoadLibrary(str(library)).RowMatmulHandler
-  except (OSError, RuntimeError) as e:
-    logging.warning("row_matmul unavailable, decode steps use XLA's dots (~2x slower on CPU): %s", e)
-    return False
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
-  return True
 
 
 def _split(kernel_shape: tuple[int, ...], contract_ndim: int) -> tuple[int, int]:
@@ -127,8 +69,8 @@ def panel_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
   lead, features = lhs.shape[:lhs.ndim - n_in], rhs.shape[n_in:]
   rows = math.prod(lead)
   x = lhs.reshape(rows, k)
-  if rows <= MAX_ROWS and lhs.dtype == rhs.dtype == jnp.float32 and available():
-    out = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x, rhs.reshape(n // PANEL, k,
+  if rows <= MAX_ROWS and lhs.dtype == rhs.dtype == jnp.float32 and cpu_kernels.available():
+    out = jax.ffi.ffi_call(cpu_kernels.ROW_MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x, rhs.reshape(n // PANEL, k,
                                                                                                    PANEL))
   else:
     out = jnp.matmul(x, from_panels(rhs, n_in).reshape(k, n), precision=precision,

@@ -1,0 +1,205 @@
+// Attention of queries over a heads-major KV cache in f32 (a prompt prefill or a decode step), on XLA:CPU's
+// intra-op thread pool: out[b, t, h] = softmax(q[b, t, h] . k[b, h / G, s] / sqrt(D), over visible s) v[b, h / G, s].
+//
+// Why (bench/README.md, session 16): XLA:CPU runs the cache attention as many small batched products with the
+// mask, max, exp and sum between them as separate passes, at about a quarter of the machine's matmul rate, and a
+// prompt's attention computes scores for every slot of a 64-query block. Here one pass per tile of 8 query rows
+// computes the scores of the slots up to its last visible one, the softmax and the value product, with the tile's
+// 8 rows in the 8 lanes of a vector. Tiles are shared out over the threads.
+//
+// Built and registered by cpu_kernels.py (`jax.ffi`); compiled on first use with the host's C++ compiler.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 8;  // query rows per tile = f32 lanes of one 256-bit vector.
+typedef float Vec __attribute__((vector_size(32), aligned(4)));
+typedef int32_t IVec __attribute__((vector_size(32), aligned(4)));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+// exp(x) per lane, 0 below -87.3 (so exp(-inf) = 0): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' expf
+// polynomial (relative error ~2e-7), 2^n through the exponent bits.
+inline Vec Exp(Vec x) {
+  const Vec lo = Vec{} - 87.33654f;
+  const IVec underflow = x < lo;
+  x = x < lo ? lo : x;
+  x = x > 88.37626f ? Vec{} + 88.37626f : x;
+  Vec n = x * 1.44269504088896341f + 0.5f;
+  Vec t = __builtin_convertvector(__builtin_convertvector(n, IVec), Vec);
+  n = t > n ? t - 1.0f : t;  // floor
+  Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Vec p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? Vec{} : p * scale;
+}
+
+// Whether every row sees slots [s0, s0 + 8) (most blocks of a prompt's causal mask): one 8-byte load per row.
+inline bool AllVisible(const bool* const mask_row[kLanes], int64_t s0, int64_t visible_end) {
+  if (s0 + kLanes > visible_end) return false;
+  constexpr uint64_t kAllTrue = 0x0101010101010101ull;
+  for (int64_t m = 0; m < kLanes; ++m) {
+    uint64_t bytes;
+    std::memcpy(&bytes, mask_row[m] + s0, sizeof(bytes));
+    if (bytes != kAllTrue) return false;
+  }
+  return true;
+}
+
+struct Work {
+  const float *q, *k, *v;
+  const bool* mask;  // [B, T, S]
+  float* out;
+  int64_t t_size, heads, kv_heads, group, s_size, d_size, tiles_per_kv_head, num_tiles;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Run() {
+    for (int64_t tile; (tile = next.fetch_add(1, std::memory_order_relaxed)) < num_tiles;) {
+      Tile(tile);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  // One tile: up to 8 consecutive rows r of kv head c's G * T query rows (r = g * T + t: query head c * G + g at
+  // position t), so a decode step's G heads share a tile and a prompt's tiles are 8 positions of one head.
+  void Tile(int64_t tile) {
+    const int64_t b = tile / (kv_heads * tiles_per_kv_head);
+    const int64_t c = tile / tiles_per_kv_head % kv_heads;
+    const int64_t r0 = tile % tiles_per_kv_head * kLanes;
+    const int64_t rows = std::min(kLanes, group * t_size - r0);
+    const float* q_row[kLanes];
+    float* out_row[kLanes];
+    const bool* mask_row[kLanes];
+    int64_t visible_end = 0;  // past the last slot any of the tile's rows sees
+    for (int64_t m = 0; m < kLanes; ++m) {
+      // Lanes past `rows` repeat the last row (never written out): no lane needs a special case below.
+      const int64_t g = (r0 + std::min(m, rows - 1)) / t_size, t = (r0 + std::min(m, rows - 1)) % t_size;
+      const int64_t offset = ((b * t_size + t) * heads + c * group + g) * d_size;
+      q_row[m] = q + offset;
+      out_row[m] = out + offset;
+      mask_row[m] = mask + (b * t_size + t) * s_size;
+      int64_t end = s_size;
+      while (end > visible_end && !mask_row[m][end - 1]) --end;
+      visible_end = std::max(visible_end, end);
+    }
+    if (visible_end == 0) {  // padding rows see nothing: zeros (XLA's softmax would average every slot).
+      for (int64_t m = 0; m < rows; ++m) std::fill(out_row[m], out_row[m] + d_size, 0.0f);
+      return;
+    }
+    const int64_t blocks = (visible_end + kLanes - 1) / kLanes;
+    thread_local std::vector<float> qt, scores, zeros;
+    qt.resize(d_size * kLanes);  // the rows' queries transposed, [D, 8], scaled by 1 / sqrt(D)
+    scores.resize(blocks * kLanes * kLanes);  // [S, 8]: then the softmax's numerators
+    zeros.assign(d_size, 0.0f);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d_size));
+    for (int64_t m = 0; m < kLanes; ++m) {
+      for (int64_t d = 0; d < d_size; ++d) qt[d * kLanes + m] = q_row[m][d] * scale;
+    }
+    const float* keys = k + (b * kv_heads + c) * s_size * d_size;
+    const float* values = v + (b * kv_heads + c) * s_size * d_size;
+    // Scores, 8 slots at a time: acc[j] holds slot s0 + j's score for the 8 rows.
+    Vec row_max = Vec{} - INFINITY;
+    for (int64_t s0 = 0; s0 < visible_end; s0 += kLanes) {
+      const float* key[kLanes];
+      for (int64_t j = 0; j < kLanes; ++j) key[j] = s0 + j < visible_end ? keys + (s0 + j) * d_size : zeros.data();
+      Vec acc[kLanes] = {};
+      for (int64_t d = 0; d < d_size; ++d) {
+        const Vec qv = Load(qt.data() + d * kLanes);
+        for (int64_t j = 0; j < kLanes; ++j) acc[j] += key[j][d] * qv;
+      }
+      for (int64_t j = 0; j < kLanes; ++j) Store(scores.data() + (s0 + j) * kLanes, acc[j]);
+      if (!AllVisible(mask_row, s0, visible_end)) {
+        for (int64_t j = 0; j < kLanes; ++j) {
+          for (int64_t m = 0; m < kLanes; ++m) {
+            if (s0 + j >= visible_end || !mask_row[m][s0 + j]) scores[(s0 + j) * kLanes + m] = -INFINITY;
+          }
+        }
+      }
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const Vec score = Load(scores.data() + (s0 + j) * kLanes);
+        row_max = score > row_max ? score : row_max;
+      }
+    }
+    row_max = row_max == -INFINITY ? Vec{} : row_max;  // a row that sees nothing: numerators 0
+    Vec total = {};
+    for (int64_t s = 0; s < blocks * kLanes; ++s) {
+      const Vec e = Exp(Load(scores.data() + s * kLanes) - row_max);
+      total += e;
+      Store(scores.data() + s * kLanes, e);
+    }
+    Vec inverse;
+    for (int64_t m = 0; m < kLanes; ++m) inverse[m] = total[m] > 0 ? 1.0f / total[m] : 0.0f;
+    // Values, 8 features at a time: acc[m] holds row m's output features [d0, d0 + 8).
+    for (int64_t d0 = 0; d0 < d_size; d0 += kLanes) {
+      Vec acc[kLanes] = {};
+      for (int64_t s = 0; s < visible_end; ++s) {
+        const Vec vv = Load(values + s * d_size + d0);
+        const float* p = scores.data() + s * kLanes;
+        for (int64_t m = 0; m < kLanes; ++m) acc[m] += p[m] * vv;
+      }
+      for (int64_t m = 0; m < rows; ++m) Store(out_row[m] + d0, acc[m] * inverse[m]);
+    }
+  }
+};
+
+ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  auto md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || kd[0] != qd[0] || kd[3] != qd[3] ||
+      qd[2] % kd[1] != 0 || qd[3] % kLanes != 0 || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2] ||
+      v.dimensions().size() != 4 || !std::equal(kd.begin(), kd.end(), v.dimensions().begin())) {
+    return ffi::Error::InvalidArgument(
+        "cpu_attention: expected q [B, T, H, D], k and v [B, Kh, S, D], mask [B, T, S], H % Kh == 0, D % 8 == 0");
+  }
+  auto work = std::make_shared<Work>();
+  work->q = q.typed_data();
+  work->k = k.typed_data();
+  work->v = v.typed_data();
+  work->mask = mask.typed_data();
+  work->out = out->typed_data();
+  work->t_size = qd[1];
+  work->heads = qd[2];
+  work->kv_heads = kd[1];
+  work->group = qd[2] / kd[1];
+  work->s_size = kd[2];
+  work->d_size = qd[3];
+  work->tiles_per_kv_head = (work->group * work->t_size + kLanes - 1) / kLanes;
+  work->num_tiles = qd[0] * work->kv_heads * work->tiles_per_kv_head;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t t = 1; t < std::min(threads, work->num_tiles); ++t) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->num_tiles) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttentionHandler, CachedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,91 @@
+"""The C++ kernels that `generate` runs on XLA:CPU's thread pool, through `jax.ffi`: `row_matmul.cc` (few-row
+products over panel-order kernels; `row_matmul.py`) and `cpu_attention.cc` (attention over the KV cache).
+
+Both are compiled on first use, as one library, with the host's C++ compiler (`$CXX`, else `c++`) into the cache
+(`assets.cache_root()`), keyed by their sources, jax's version and the CPU. `available()` says whether that worked;
+callers fall back to XLA's ops when it did not (no compiler, another backend).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from rankrag_jax import assets
+
+Array = jax.Array
+
+_SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("row_matmul.cc", "cpu_attention.cc"))
+# FFI target name -> the handler symbol that registers it.
+ROW_MATMUL, ATTENTION = "rankrag_row_matmul", "rankrag_cpu_attention"
+_HANDLERS = {ROW_MATMUL: "RowMatmulHandler", ATTENTION: "CachedAttentionHandler"}
+
+
+def _cpu_id() -> str:
+  """The CPU model and feature flags: the library is compiled with -march=native for this CPU only."""
+  try:
+    lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return platform.processor() or platform.machine()
+  keys = ("model name", "flags", "Features", "CPU part")
+  return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in keys}))
+
+
+def _compile(library: pathlib.Path) -> None:
+  compiler = os.environ.get("CXX", "c++")
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
+  with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+    built = pathlib.Path(tmp) / library.name
+    cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")
+    os.replace(built, library)  # atomic: another process sees the whole library or none.
+
+
+@functools.cache
+def available() -> bool:
+  """True once the kernels are compiled (or found in the cache) and registered for the CPU backend."""
+  if jax.default_backend() != "cpu":
+    return False
+  key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in _SOURCES), jax.__version__.encode(),
+                                   _cpu_id().encode()]))
+  library = assets.cache_root() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+  try:
+    if not library.exists():
+      with assets.exclusive_lock(library.with_suffix(".lock")):
+        if not library.exists():
+          logging.info("Compiling %s into %s", ", ".join(s.name for s in _SOURCES), library)
+          _compile(library)
+    loaded = ctypes.cdll.LoadLibrary(str(library))
+  except (OSError, RuntimeError) as e:
+    logging.warning("CPU kernels unavailable, decoding uses XLA's ops (~2x slower on CPU): %s", e)
+    return False
+  for target, symbol in _HANDLERS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
+  return True
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """`ops.cached_attention` (q [B, T, H, D], heads-major k, v [B, Kh, S, D], mask [B, 1, T, S]) in f32 on the
+  thread pool (`cpu_attention.cc`; needs `available()`). A query row that sees no slot gets zeros."""
+  b, t, h, d = q.shape
+  if not (k.ndim == 4 and k.shape == v.shape and k.shape[0] == b and k.shape[3] == d and h % k.shape[1] == 0
+          and d % 8 == 0 and mask.shape == (b, 1, t, k.shape[2])):
+    raise ValueError(f"cpu_kernels.cached_attention: expected q [B, T, H, D], k and v [B, Kh, S, D] with H a multiple "
+                     f"of Kh and D of 8, mask [B, 1, T, S]; got q {q.shape}, k {k.shape}, v {v.shape}, mask "
+                     f"{mask.shape}")
+  return jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+      mask.reshape(b, t, k.shape[2]).astype(jnp.bool_))

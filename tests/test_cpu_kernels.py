@@ -1,0 +1,96 @@
+"""The C++ thread-pool kernels (through jax.ffi) against XLA: the few-row product (row_matmul.cc) against its dot,
+the cache attention (cpu_attention.cc) against ops' attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rankrag_jax.model import cpu_kernels, ops, row_matmul
+
+
+def dense_dimension_numbers(lead_ndim: int, in_ndim: int):
+  """How Flax's Dense / DenseGeneral contract activations [*lead, *in] with a kernel [*in, *out]."""
+  return (tuple(range(lead_ndim, lead_ndim + in_ndim)), tuple(range(in_ndim))), ((), ())
+
+
+@pytest.mark.parametrize("lead, k_in, n_out", [
+    ((8, 1), (576,), (1536,)),  # a SmolLM2 decode step's gate projection
+    ((3,), (64,), (24,)),  # fewer rows than a panel holds
+    ((13, 1), (9, 64), (72,)),  # o_proj's two contracted axes; rows over two row groups
+    ((2, 4), (64,), (3, 16)),  # k_proj's two output axes
+    ((128,), (40,), (24,)),  # MAX_ROWS: still the kernel
+    ((129,), (40,), (16,)),  # more rows: XLA's dot on the restored kernel
+])
+def test_panel_dot_general_equals_dot_general(lead, k_in, n_out):
+  assert cpu_kernels.available()  # compiled with the host's compiler into the cache
+  x = jax.random.normal(jax.random.key(0), lead + k_in)
+  kernel = jax.random.normal(jax.random.key(1), k_in + n_out)
+  numbers = dense_dimension_numbers(len(lead), len(k_in))
+  want = jax.lax.dot_general(x, kernel, numbers)
+  panels = row_matmul.to_panels(kernel, len(k_in))
+  assert panels.shape == kernel.shape and not np.array_equal(panels, kernel)
+  np.testing.assert_array_equal(row_matmul.from_panels(panels, len(k_in)), kernel)
+  got = jax.jit(row_matmul.panel_dot_general, static_argnums=2)(x, panels, numbers)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_kernels_whose_outputs_are_not_whole_panels_are_refused():
+  assert not row_matmul.can_panel((64, 12))
+  with pytest.raises(ValueError, match=r"shape \(64, 12\) has 12 output features, not a multiple of 8"):
+    row_matmul.to_panels(jnp.zeros((64, 12)))
+  with pytest.raises(ValueError, match="a Dense contraction over the kernel's leading axes"):
+    row_matmul.panel_dot_general(jnp.zeros((2, 8)), jnp.zeros((16, 8)), (((1,), (1,)), ((), ())))
+
+
+def cache_attention_inputs(batch, queries, heads, kv_heads, slots, head_dim, start, seed=0):
+  """Queries written at cache slots [start, start + T) of rows with random real lengths (right padding):
+  the prefill's or a decode step's mask."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, queries, heads, head_dim))
+  k, v = (jax.random.normal(key, (batch, kv_heads, slots, head_dim)) for key in keys[1:3])
+  lengths = jax.random.randint(keys[3], (batch,), 1, queries + 1).at[0].set(queries)
+  real = jnp.arange(queries)[None] < lengths[:, None]  # [B, T]
+  written = jnp.arange(slots)[None] < (start + lengths)[:, None]  # [B, S]
+  causal = jnp.arange(slots)[None, :] <= start + jnp.arange(queries)[:, None]  # [T, S]
+  return q, k, v, (causal[None] & real[:, :, None] & written[:, None, :])[:, None], real
+
+
+@pytest.mark.parametrize("shape", [
+    (8, 1, 9, 3, 40, 64, 20),  # a SmolLM2 decode step: the 3 query heads of a kv head share a tile
+    (4, 70, 9, 3, 130, 64, 56),  # a prefill after a 56-token shared prefix, tiles of 8 positions
+    (3, 13, 4, 4, 17, 16, 0),  # no grouping (MHA), a cache of exactly the prompt
+    (2, 5, 8, 2, 300, 128, 100),  # Llama-3's head_dim
+])
+def test_cache_attention_equals_xla_attention(shape):
+  assert cpu_kernels.available()
+  q, k, v, mask, real = cache_attention_inputs(*shape)
+  want = ops._grouped_attention(q, k, v, mask)
+  got = jax.jit(cpu_kernels.cached_attention)(q, k, v, mask)
+  real = np.asarray(real)[:, :, None, None]
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.where(real, 0, got), 0)  # padding queries (they see no slot): zeros
+
+
+def test_cache_attention_under_a_mask_with_holes():
+  # A decode step's row whose prompt is shorter than the batch's sees its prompt, then a gap, then its new tokens.
+  q, k, v, _, _ = cache_attention_inputs(2, 6, 6, 2, 37, 32, 0)
+  mask = jax.random.bernoulli(jax.random.key(5), 0.4, (2, 1, 6, 37)).at[:, :, :, 0].set(True)
+  np.testing.assert_allclose(cpu_kernels.cached_attention(q, k, v, mask), ops._grouped_attention(q, k, v, mask),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_cache_attention_names_the_shapes_it_cannot_take():
+  q, k, v, mask, _ = cache_attention_inputs(2, 3, 6, 4, 10, 16, 0)  # 6 query heads over 4 kv heads
+  with pytest.raises(ValueError, match=r"H a multiple of Kh.*got q \(2, 3, 6, 16\), k \(2, 4, 10, 16\)"):
+    cpu_kernels.cached_attention(q, k, v, mask)
+
+
+def test_without_a_compiler_it_is_unavailable_and_says_why(tmp_path, monkeypatch):
+  monkeypatch.setenv("RANKRAG_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  warnings = []
+  monkeypatch.setattr(cpu_kernels.logging, "warning", lambda msg, *args: warnings.append(msg % args))
+  assert cpu_kernels.available.__wrapped__() is False
+  assert len(warnings) == 1 and "no C++ compiler 'no-such-compiler'" in warnings[0]
+  assert not list((tmp_path / "kernels").glob("*.so"))
