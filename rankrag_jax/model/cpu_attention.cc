@@ -74,14 +74,23 @@ struct Work {
 
   void Run() {
     for (int64_t tile; (tile = next.fetch_add(1, std::memory_order_relaxed)) < num_tiles;) {
-      Tile(tile);
+      // Llama-3's and SmolLM2's head sizes as constants: the compiler unrolls the feature loops.
+      if (d_size == 64) {
+        Tile<64>(tile);
+      } else if (d_size == 128) {
+        Tile<128>(tile);
+      } else {
+        Tile<0>(tile);
+      }
       done.fetch_add(1, std::memory_order_release);
     }
   }
 
   // One tile: up to 8 consecutive rows r of kv head c's G * T query rows (r = g * T + t: query head c * G + g at
   // position t), so a decode step's G heads share a tile and a prompt's tiles are 8 positions of one head.
+  template <int64_t kFeatures>
   void Tile(int64_t tile) {
+    const int64_t d_size = kFeatures ? kFeatures : this->d_size;
     const int64_t b = tile / (kv_heads * tiles_per_kv_head);
     const int64_t c = tile / tiles_per_kv_head % kv_heads;
     const int64_t r0 = tile % tiles_per_kv_head * kLanes;
@@ -98,6 +107,10 @@ struct Work {
       out_row[m] = out + offset;
       mask_row[m] = mask + (b * t_size + t) * s_size;
       int64_t end = s_size;
+      for (uint64_t bytes; end - 8 >= visible_end; end -= 8) {  // 8 slots at a time past the last visible one
+        std::memcpy(&bytes, mask_row[m] + end - 8, sizeof(bytes));
+        if (bytes) break;
+      }
       while (end > visible_end && !mask_row[m][end - 1]) --end;
       visible_end = std::max(visible_end, end);
     }
