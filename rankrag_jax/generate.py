@@ -319,9 +319,8 @@ def make_decode_weights(params: dict, config: LlamaConfig, mesh: Mesh | None = N
   """
   if not unstack_layers_on_cpu or jax.default_backend() != "cpu":
     return None
-  panels = (use_cpu_kernels and (mesh is None or mesh.size == 1) and config.dtype == jnp.float32
-            and config.param_dtype == jnp.float32 and config.head_dim % row_matmul.PANEL == 0
-            and _layer_kernels_fit_panels(params) and cpu_kernels.available())
+  panels = (use_cpu_kernels and config.param_dtype == jnp.float32 and _layer_kernels_fit_panels(params)
+            and cpu_kernels.attention_usable(config, mesh))
   return _jitted_decode_weights(params, config, panels)
 
 

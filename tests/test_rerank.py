@@ -14,6 +14,7 @@ import pytest
 from rankrag_jax import assets, prompts, rerank
 from rankrag_jax import tokenizer as tokenizer_lib
 from rankrag_jax.model import config as config_lib
+from rankrag_jax.model import cpu_kernels
 from rankrag_jax.model import llama
 
 ANSWER_IDS = (84, 70)
@@ -62,6 +63,7 @@ def smollm2_tokenizer():
 
 def test_kernel_equals_p_true_from_a_full_forward(tiny_model, token_sequences):
   config, params = tiny_model
+  assert cpu_kernels.attention_usable(config)  # on the CPU the kernel's attention is cpu_attention.cc
   got = rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS)
   want = reference_log_probs(params, config, token_sequences, ANSWER_IDS)
   np.testing.assert_allclose(np.exp(got), np.exp(want), atol=1e-5, rtol=0)
@@ -82,6 +84,7 @@ def test_bucketing_batching_and_shared_prefix_do_not_change_scores(tiny_model, t
       "tiny token budget": dict(max_batch_tokens=48),
       "padding slots computed (no compaction)": dict(compact_granularity=0),
       "compaction in 4-token units": dict(compact_granularity=4),
+      "attention in XLA, not the CPU kernel": dict(use_cpu_kernels=False),
       "reversed order": None,
   }
   for name, kwargs in variants.items():

@@ -77,6 +77,13 @@ def available() -> bool:
   return True
 
 
+def attention_usable(config, mesh=None) -> bool:
+  """Whether `cached_attention` can run a model's attention: f32 activations, a head size that is a multiple of
+  8, at most one device (an FFI call has no sharding rule: XLA would gather its operands), the kernels built."""
+  return ((mesh is None or mesh.size == 1) and config.dtype == jnp.float32 and config.head_dim % 8 == 0
+          and available())
+
+
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """`ops.cached_attention` (q [B, T, H, D], heads-major k, v [B, Kh, S, D], mask [B, 1, T, S]) in f32 on the
   thread pool (`cpu_attention.cc`; needs `available()`). A query row that sees no slot gets zeros."""

@@ -231,8 +231,10 @@ _REMAT_POLICIES = {
 
 class Llama(nn.Module):
   """Llama decoder. `__call__` gives full logits; `hidden_states` + `logits_from_hidden` let callers project
-  only the positions and vocabulary rows they need (training loss, P("True") scoring)."""
+  only the positions and vocabulary rows they need (training loss, P("True") scoring). With cpu_attention, the
+  layers' attention over a KV cache runs `cpu_kernels.cached_attention` (`cpu_kernels.attention_usable`)."""
   config: LlamaConfig
+  cpu_attention: bool = False
 
   def setup(self):
     cfg = self.config
@@ -245,7 +247,7 @@ class Llama(nn.Module):
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers,
         unroll=1 if cfg.scan_layers else cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg)
+        metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, cpu_attention=self.cpu_attention)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = LMHeadKernel(cfg)
