@@ -10,7 +10,8 @@ row (no stop ids, so neither stops early) in one batch:
   ours: `generate.generate` (one jitted prefill, the batch's common prompt prefix computed once and only the rest
         of each prompt padded, its projections and MLP on the real tokens only, then a `lax.while_loop` of
         one-token steps over an explicit per-layer KV cache, per-layer weights and the LM head in 8-column panels
-        whose few-row products run on both cores (`model/row_matmul`); those are made once at load by
+        whose few-row products run on both cores (`model/row_matmul`), the prompt's and the steps' attention
+        over the KV cache on both cores too (`model/cpu_attention.cc`); the weights are made once at load by
         `generate.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
         not inside the timed call; the calls reuse their KV cache memory through one `generate.KVBuffers`, as a
         `rag.RagModel`'s do);

@@ -1,5 +1,7 @@
-"""The C++ kernels that `generate` runs on XLA:CPU's thread pool, through `jax.ffi`: `row_matmul.cc` (few-row
-products over panel-order kernels; `row_matmul.py`) and `cpu_attention.cc` (attention over the KV cache).
+"""C++ kernels on XLA:CPU's thread pool, through `jax.ffi`: `row_matmul.cc` (few-row products over panel-order
+kernels, `row_matmul.py`: generate's decode steps) and `cpu_attention.cc` (`cached_attention`, attention over the
+KV cache: generate's prompts and steps, rerank's scoring). Both exist because XLA:CPU runs these small products on
+one core, or as many small passes (bench/README.md, sessions 15 and 16).
 
 Both are compiled on first use, as one library, with the host's C++ compiler (`$CXX`, else `c++`) into the cache
 (`assets.cache_root()`), keyed by their sources, jax's version and the CPU. `available()` says whether that worked;
