@@ -73,7 +73,8 @@ def test_cache_attention_equals_xla_attention(shape):
 
 
 def test_cache_attention_under_a_mask_with_holes():
-  # A decode step's row whose prompt is shorter than the batch's sees its prompt, then a gap, then its new tokens.
+  # Masks need not be causal or contiguous (a decode step's row with a shorter prompt than the batch's sees its
+  # prompt, a gap, then its new tokens): a random one, every row seeing at least slot 0.
   q, k, v, _, _ = cache_attention_inputs(2, 6, 6, 2, 37, 32, 0)
   mask = jax.random.bernoulli(jax.random.key(5), 0.4, (2, 1, 6, 37)).at[:, :, :, 0].set(True)
   np.testing.assert_allclose(cpu_kernels.cached_attention(q, k, v, mask), ops._grouped_attention(q, k, v, mask),

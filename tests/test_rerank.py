@@ -63,7 +63,7 @@ def smollm2_tokenizer():
 
 def test_kernel_equals_p_true_from_a_full_forward(tiny_model, token_sequences):
   config, params = tiny_model
-  assert cpu_kernels.attention_usable(config)  # on the CPU the kernel's attention is cpu_attention.cc
+  assert cpu_kernels.attention_usable(config)  # so these scores' attention runs through cpu_attention.cc
   got = rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS)
   want = reference_log_probs(params, config, token_sequences, ANSWER_IDS)
   np.testing.assert_allclose(np.exp(got), np.exp(want), atol=1e-5, rtol=0)

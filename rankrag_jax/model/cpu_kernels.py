@@ -21,8 +21,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.sharding import Mesh
 
 from rankrag_jax import assets
+from rankrag_jax.model.config import LlamaConfig
 
 Array = jax.Array
 
@@ -72,14 +74,14 @@ def available() -> bool:
           _compile(library)
     loaded = ctypes.cdll.LoadLibrary(str(library))
   except (OSError, RuntimeError) as e:
-    logging.warning("CPU kernels unavailable, decoding uses XLA's ops (~2x slower on CPU): %s", e)
+    logging.warning("CPU kernels unavailable, generation and scoring use XLA's ops (decoding ~2x slower): %s", e)
     return False
   for target, symbol in _HANDLERS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
   return True
 
 
-def attention_usable(config, mesh=None) -> bool:
+def attention_usable(config: LlamaConfig, mesh: Mesh | None = None) -> bool:
   """Whether `cached_attention` can run a model's attention: f32 activations, a head size that is a multiple of
   8, at most one device (an FFI call has no sharding rule: XLA would gather its operands), the kernels built."""
   return ((mesh is None or mesh.size == 1) and config.dtype == jnp.float32 and config.head_dim % 8 == 0

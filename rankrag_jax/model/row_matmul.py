@@ -70,8 +70,8 @@ def panel_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
   rows = math.prod(lead)
   x = lhs.reshape(rows, k)
   if rows <= MAX_ROWS and lhs.dtype == rhs.dtype == jnp.float32 and cpu_kernels.available():
-    out = jax.ffi.ffi_call(cpu_kernels.ROW_MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x, rhs.reshape(n // PANEL, k,
-                                                                                                   PANEL))
+    out = jax.ffi.ffi_call(cpu_kernels.ROW_MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
+        x, rhs.reshape(n // PANEL, k, PANEL))
   else:
     out = jnp.matmul(x, from_panels(rhs, n_in).reshape(k, n), precision=precision,
                      preferred_element_type=preferred_element_type)
