@@ -58,6 +58,7 @@ def cache_attention_inputs(batch, queries, heads, kv_heads, slots, head_dim, sta
 
 @pytest.mark.parametrize("shape", [
     (8, 1, 9, 3, 40, 64, 20),  # a SmolLM2 decode step: the 3 query heads of a kv head share a tile
+    (2, 1, 32, 8, 50, 128, 40),  # a Llama-3-8B decode step: 4 query heads per kv head
     (4, 70, 9, 3, 130, 64, 56),  # a prefill after a 56-token shared prefix, tiles of 8 positions
     (3, 13, 4, 4, 17, 16, 0),  # no grouping (MHA), a cache of exactly the prompt
     (2, 5, 8, 2, 300, 128, 100),  # Llama-3's head_dim
