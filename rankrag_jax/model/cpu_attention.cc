@@ -5,7 +5,8 @@
 // mask, max, exp and sum between them as separate passes, at about a quarter of the machine's matmul rate, and a
 // prompt's attention computes scores for every slot of a 64-query block. Here one pass per tile of 8 query rows
 // computes the scores of the slots up to its last visible one, the softmax and the value product, with the tile's
-// 8 rows in the 8 lanes of a vector. Tiles are shared out over the threads.
+// 8 rows in the 8 lanes of a vector; a tile of at most 4 rows (a decode step's G query heads) takes each row's
+// scores as dot products over the features instead (`FewRowsAttention`). Tiles are shared out over the threads.
 //
 // Built and registered by cpu_kernels.py (`jax.ffi`); compiled on first use with the host's C++ compiler.
 #include <algorithm>
