@@ -286,8 +286,9 @@ def _jitted_decode_batch(backend: str):
 @flax.struct.dataclass
 class DecodeWeights:
   """What `decode_batch` runs on the CPU backend (`make_decode_weights`): each layer's weights (a list of per-layer
-  param dicts), the output projection [D, V] in column blocks, and optionally the layers again with every kernel in
-  `row_matmul.to_panels` order (then the output projection is one panel-order block): decode steps then run
+  param dicts), the output projection [D, V] in column blocks, and optionally the layers again with q/k/v and gate/up
+  fused (`llama.fuse_panel_projections`) and every kernel in `row_matmul.to_panels` order (then the output
+  projection is one panel-order block): decode steps then run
   their products through row_matmul's thread-pool kernel, while the prompt's run as XLA's dots on `layers`; with
   those (`cpu_kernels`), the prompt's and the steps' cache attention runs `cpu_kernels.cached_attention`."""
   layers: list
@@ -344,7 +345,8 @@ def _jitted_decode_weights(params: dict, config: LlamaConfig, panels: bool) -> D
   if not panels:
     return DecodeWeights(layers, _lm_head_column_blocks(params, config))
   to_panels = lambda path, x: row_matmul.to_panels(x, _kernel_contract_ndim(path)) if _is_kernel(path) else x
-  panel_layers = [jax.tree_util.tree_map_with_path(to_panels, layer) for layer in layers]
+  panel_layers = [jax.tree_util.tree_map_with_path(to_panels, llama.fuse_panel_projections(layer))
+                  for layer in layers]
   return DecodeWeights(layers, _lm_head_panels(params, config), panel_layers)
 
 

@@ -130,12 +130,19 @@ class Attention(nn.Module):
     if query_slots is not None:
       q_x, q_sin, q_cos = (token_layout.take_slots(a, query_slots, layout) for a in (x, sin, cos))
       mask = jnp.take_along_axis(mask, query_slots[:, None, :, None], axis=2)
-    q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
-              name="q_proj")(q_x)
-    k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
-              name="k_proj")(x)
-    v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
-              name="v_proj")(x)
+    if self.panel_kernels:  # q, k and v in one kernel (`fuse_panel_projections`): one row_matmul call, not three
+      qkv = dense((cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim),
+                  kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)), name="qkv_proj")(x)
+      q, k, v = jnp.split(qkv, (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads), axis=-2)
+      if query_slots is not None:
+        q = token_layout.take_slots(q, query_slots, layout)
+    else:
+      q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
+                name="q_proj")(q_x)
+      k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
+                name="k_proj")(x)
+      v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
+                name="v_proj")(x)
     q = nn.with_logical_constraint(apply_rope(q, q_sin, q_cos), (axes.BATCH, axes.LENGTH, axes.ACT_HEADS,
                                                                    axes.ACT_HEAD_DIM))
     k = nn.with_logical_constraint(apply_rope(k, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS,
@@ -177,8 +184,12 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     dense = functools.partial(nn.Dense, **_dense_kwargs(cfg, self.panel_kernels))
-    gate = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="gate_proj")(x)
-    up = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="up_proj")(x)
+    if self.panel_kernels:  # gate and up in one kernel (`fuse_panel_projections`)
+      gate, up = jnp.split(dense(2 * cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)),
+                                 name="gate_up_proj")(x), 2, axis=-1)
+    else:
+      gate = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="gate_proj")(x)
+      up = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     return dense(cfg.hidden_size, kernel_init=_init((axes.MLP, axes.EMBED)), name="down_proj")(h)
 
@@ -188,7 +199,8 @@ class DecoderLayer(nn.Module):
 
   With `query_slots` [B, K] (the last layer, when only some positions' outputs are needed; with a cache): the
   output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended).
-  With panel_kernels, the projection kernels are in `row_matmul.to_panels` order (`generate`'s CPU decode steps);
+  With panel_kernels, the projection kernels are fused (`fuse_panel_projections`) and in `row_matmul.to_panels`
+  order (`generate`'s CPU decode steps);
   with cpu_attention, the cache attention is `cpu_kernels.cached_attention`."""
   config: LlamaConfig
   panel_kernels: bool = False
@@ -343,6 +355,17 @@ def unstack_layers(params: dict) -> list[dict]:
   """Each decoder layer's parameters, sliced once out of the stacked `params["layers"]`."""
   num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
   return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)]
+
+
+def fuse_panel_projections(layer: dict) -> dict:
+  """One layer's params as the panel_kernels layers take them: q/k/v kernels concatenated on the heads axis
+  (`attn/qkv_proj`), gate/up on the features axis (`mlp/gate_up_proj`), so that a decode step reads each group of
+  weights in one row_matmul call (~10 us less per call saved on SmolLM2; bench/README.md, session 17)."""
+  attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+  qkv = [attn.pop(name)["kernel"] for name in ("q_proj", "k_proj", "v_proj")]
+  gate_up = [mlp.pop(name)["kernel"] for name in ("gate_proj", "up_proj")]
+  return {**layer, "attn": {**attn, "qkv_proj": {"kernel": jnp.concatenate(qkv, axis=1)}},
+          "mlp": {**mlp, "gate_up_proj": {"kernel": jnp.concatenate(gate_up, axis=1)}}}
 
 
 def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
