@@ -288,9 +288,9 @@ class DecodeWeights:
   """What `decode_batch` runs on the CPU backend (`make_decode_weights`): each layer's weights (a list of per-layer
   param dicts), the output projection [D, V] in column blocks, and optionally the layers again with q/k/v and gate/up
   fused (`llama.fuse_panel_projections`) and every kernel in `row_matmul.to_panels` order (then the output
-  projection is one panel-order block): decode steps then run
-  their products through row_matmul's thread-pool kernel, while the prompt's run as XLA's dots on `layers`; with
-  those (`cpu_kernels`), the prompt's and the steps' cache attention runs `cpu_kernels.cached_attention`."""
+  projection is one panel-order block): decode steps then run their products through row_matmul's thread-pool
+  kernel, while the prompt's run as XLA's dots on `layers`; with those (`cpu_kernels`), the prompt's and the steps'
+  cache attention runs `cpu_kernels.cached_attention`."""
   layers: list
   lm_head_blocks: list
   panel_layers: list | None = None
