@@ -200,8 +200,8 @@ class DecoderLayer(nn.Module):
   With `query_slots` [B, K] (the last layer, when only some positions' outputs are needed; with a cache): the
   output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended).
   With panel_kernels, the projection kernels are fused (`fuse_panel_projections`) and in `row_matmul.to_panels`
-  order (`generate`'s CPU decode steps);
-  with cpu_attention, the cache attention is `cpu_kernels.cached_attention`."""
+  order (`generate`'s CPU decode steps); with cpu_attention, the cache attention is
+  `cpu_kernels.cached_attention`."""
   config: LlamaConfig
   panel_kernels: bool = False
   cpu_attention: bool = False
@@ -360,7 +360,8 @@ def unstack_layers(params: dict) -> list[dict]:
 def fuse_panel_projections(layer: dict) -> dict:
   """One layer's params as the panel_kernels layers take them: q/k/v kernels concatenated on the heads axis
   (`attn/qkv_proj`), gate/up on the features axis (`mlp/gate_up_proj`), so that a decode step reads each group of
-  weights in one row_matmul call (~10 us less per call saved on SmolLM2; bench/README.md, session 17)."""
+  weights in one row_matmul call instead of three or two (a call costs ~10 us beyond its weights' stream;
+  bench/README.md, session 17)."""
   attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
   qkv = [attn.pop(name)["kernel"] for name in ("q_proj", "k_proj", "v_proj")]
   gate_up = [mlp.pop(name)["kernel"] for name in ("gate_proj", "up_proj")]
