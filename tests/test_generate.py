@@ -118,6 +118,22 @@ def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch, reques
   assert got == [greedy_by_full_forwards(config, params, prompt, 6) for prompt in PREFIXED_PROMPTS]
 
 
+def test_panel_layers_compute_what_the_layers_compute(tiny_model):
+  # The decode steps' layers, q/k/v and gate/up fused (llama.fuse_panel_projections) and in panel order, through
+  # row_matmul, against the plain per-layer params through XLA's dots: a wrong fusion order or split differs.
+  config, params = tiny_model
+  weights = decode_weights(params, config, "panels")
+  tokens = jnp.array([[5, 9, 2, 7], [3, 3, 8, 1]])
+  positions, segment_ids = jnp.broadcast_to(jnp.arange(4), tokens.shape), jnp.ones_like(tokens)
+  cache = llama.init_cache(config, 2, 8, per_layer=True)
+  hidden = lambda layers, panels: llama.unstacked_hidden_states(config, params, layers, tokens, positions,
+                                                                segment_ids, cache, panel_kernels=panels)
+  (got, got_cache), (want, want_cache) = hidden(weights.panel_layers, True), hidden(weights.layers, False)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  for name in ("k", "v"):
+    np.testing.assert_allclose(np.stack(got_cache[name]), np.stack(want_cache[name]), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["lm_head", "tied_embeddings"])
 def test_lm_head_in_panels_equals_full_forwards(tied):
   # The panel-order output projection: 250 columns are padded to 256 for the kernel, and the logits cut back.
