@@ -12,7 +12,8 @@ Either way: restarting positions, segment ids (0 = padding), loss weights on the
 
   ours: `training.step.jit_train_step` (jit with NamedShardings on a 1-device mesh under the default logical rules,
         state donated; AdamW b1 0.9 b2 0.98 wd 0.1, clip 1.0; answer positions gathered, K = --max_loss_positions,
-        before the LM head; cpu.gin's 'dots' remat and CPU forms), params from `load_model` on the exported HF
+        before the LM head; cpu.gin's 'dots' remat and CPU forms; attention forward and backward through
+        `cpu_kernels.training_attention` unless --cpu_kernels=0), params from `load_model` on the exported HF
         directory; with --shape_bucket=G (default 64) each batch runs at its own shape as `loop.train` picks it
         (`training/bucketing.py`: rows cut after their last real token, per-token work on the real tokens only,
         K = the rows' answer tokens, all rounded up to G; every shape compiled before timing, as a long run
@@ -96,7 +97,8 @@ def executed_train_flops(config, batch: int, length: int, num_tokens: int, loss_
                for start in range(0, length, block))
   attn_forward = 2 * 2 * config.num_heads * config.head_dim * config.num_layers * batch * scores
   layer_passes = 4 if remat == "full" else 3
-  if block < length:  # ops.block_attention: 2 products forward, 5 backward (the scores recomputed), none redone
+  # ops.block_attention or cpu_kernels.training_attention: 2 products forward, 5 backward (the scores recomputed)
+  if block < length:
     attn_passes = 3.5 + (remat == "full")  # under 'dots' remat (it keeps the output and softmax statistics)
   else:
     attn_passes = 3 if remat == "none" else 4
@@ -152,6 +154,7 @@ def side_ours(args) -> dict:
   import optax
   from rankrag_jax import sharding as sharding_lib
   from rankrag_jax.convert.load import load_model
+  from rankrag_jax.model import cpu_kernels
   from rankrag_jax.training import optimizer as optimizer_lib
   from rankrag_jax.training import step as step_lib
   batches = dict(np.load(args.data))
@@ -163,7 +166,10 @@ def side_ours(args) -> dict:
   schedule = optax.constant_schedule(LEARNING_RATE)
   optimizer = optimizer_lib.make_optimizer(schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
   step_fn, state_shardings, data_shardings, _ = step_lib.jit_train_step(
-      config, optimizer, schedule, mesh, rules, max_loss_positions=args.max_loss_positions)
+      config, optimizer, schedule, mesh, rules, max_loss_positions=args.max_loss_positions,
+      use_cpu_kernels=bool(args.cpu_kernels))
+  # The kernel's tiles of 8 query rows each meet the keys up to their last row: as query blocks of 8.
+  query_block = 8 if args.cpu_kernels and cpu_kernels.attention_usable(config, mesh) else args.attention_query_block
   with step_lib.sharding_context(mesh, rules):
     params = jax.device_put(params, state_shardings["params"])
     state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, 0), out_shardings=state_shardings)(params)
@@ -186,7 +192,7 @@ def side_ours(args) -> dict:
     times = common.time_repeats(run, args.repeats, warmup=0)
   timed_flops = [train_flops(config, {k: v[i] for k, v in batches.items()}) for i in range(1, 1 + len(times))]
   executed = [executed_train_flops(config, args.batch, length, static[0] if static else args.batch * length,
-                                   static[1] if static else args.max_loss_positions, args.attention_query_block,
+                                   static[1] if static else args.max_loss_positions, query_block,
                                    args.remat) for length, static in shapes[1:]]
   return {"seconds": times, "probe_flops": probe, "load": load, "losses": holder["losses"], "flops": timed_flops,
           "executed_flops": sum(executed) / len(executed), "shapes": shapes}
@@ -253,6 +259,9 @@ def main():
   parser.add_argument("--unroll", type=int, default=0, help="unrolled layers instead of nn.scan (ours)")
   parser.add_argument("--attention_query_block", type=int, default=64,
                       help="ours: causal attention one query block at a time (cpu.gin's value); 0 = one call")
+  parser.add_argument("--cpu_kernels", type=int, default=1,
+                      help="ours: attention on the thread pool (cpu_attention.cc, cpu_attention_grad.cc); 0 = XLA's "
+                           "blockwise form (--attention_query_block)")
   parser.add_argument("--flatten_matmul_tokens", type=int, default=1,
                       help="ours: projections as 2-D [tokens, features] matmuls (cpu.gin's value)")
   parser.add_argument("--shape_bucket", type=int, default=64,

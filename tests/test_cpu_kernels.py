@@ -1,12 +1,15 @@
 """The C++ thread-pool kernels (through jax.ffi) against XLA: the few-row product (row_matmul.cc) against its dot,
-the cache attention (cpu_attention.cc) against ops' attention."""
+the cache attention (cpu_attention.cc) against ops' attention, training's attention and its gradients
+(cpu_attention.cc, cpu_attention_grad.cc) against XLA's attention's."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rankrag_jax.model import cpu_kernels, ops, row_matmul
+from rankrag_jax.model import cpu_kernels, llama, ops, row_matmul
 
 
 def dense_dimension_numbers(lead_ndim: int, in_ndim: int):
@@ -86,6 +89,49 @@ def test_cache_attention_names_the_shapes_it_cannot_take():
   q, k, v, mask, _ = cache_attention_inputs(2, 3, 6, 4, 10, 16, 0)  # 6 query heads over 4 kv heads
   with pytest.raises(ValueError, match=r"H a multiple of Kh.*got q \(2, 3, 6, 16\), k \(2, 4, 10, 16\)"):
     cpu_kernels.cached_attention(q, k, v, mask)
+
+
+def packed_rows(batch, length, seed):
+  """Segment ids of rows packed with 1-4 examples of random lengths, then padding (segment 0)."""
+  rng = np.random.default_rng(seed)
+  segments = np.zeros((batch, length), np.int32)
+  for row in range(batch):
+    cuts = np.sort(rng.choice(np.arange(1, length), rng.integers(1, 5), replace=False))
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+      segments[row, a - cuts[0]:b - cuts[0]] = i + 1
+    segments[row, cuts[-1] - cuts[0]:] = 0 if row else len(cuts)  # row 0 runs to the end
+  return jnp.asarray(segments)
+
+
+@pytest.mark.parametrize("batch, length, heads, kv_heads, head_dim", [
+    (4, 96, 9, 3, 64),  # SmolLM2's heads: 3 query heads per kv head
+    (1, 70, 8, 2, 128),  # Llama-3's head size; one row: fewer work items than threads x parts; T % 8 != 0
+    (3, 21, 4, 4, 8),  # no grouping (MHA); tiles of 8 rows straddle two query heads
+])
+def test_training_attention_and_its_gradients_equal_xla(batch, length, heads, kv_heads, head_dim):
+  assert cpu_kernels.available()
+  keys = jax.random.split(jax.random.key(batch), 4)
+  q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[1:3])
+  segments = packed_rows(batch, length, seed=length)
+  mask = llama.attention_mask(segments, segments)
+  real = np.asarray(segments > 0)[:, :, None, None]
+  # Padding rows see no key: the kernel gives them zeros, XLA an average; a loss never reads them.
+  weights = jax.random.normal(keys[3], q.shape) * real
+
+  def loss(attention, q, k, v):
+    out = attention(q, k, v, mask)
+    return jnp.sum(out * weights), out
+
+  xla_attention = lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask)
+  want_grads, want = jax.grad(functools.partial(loss, xla_attention), (0, 1, 2), has_aux=True)(q, k, v)
+  got_grads, got = jax.jit(jax.grad(functools.partial(loss, cpu_kernels.training_attention), (0, 1, 2),
+                                    has_aux=True))(q, k, v)
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.where(real, 0, got), 0)
+  for name, a, b in zip("qkv", got_grads, want_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
+  assert float(jnp.max(jnp.abs(got_grads[0]))) > 0.1  # the comparison is not between zeros
 
 
 def test_without_a_compiler_it_is_unavailable_and_says_why(tmp_path, monkeypatch):

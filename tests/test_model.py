@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rankrag_jax.model import config as config_lib
+from rankrag_jax.model import cpu_kernels
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
 from rankrag_jax.model import token_layout
@@ -236,16 +237,22 @@ def test_block_attention_backward_equals_autodiff_of_the_softmax_form():
   assert [g.dtype for g in (out, *vjp(d_out.astype(jnp.bfloat16)))] == [jnp.bfloat16] * 4
 
 
-def test_dots_remat_keeps_the_block_attention_statistics():
-  # Saved (not recomputed in the backward pass): the output and softmax row statistics of every query block.
+def test_dots_remat_keeps_the_training_attention_statistics():
+  # Saved (not recomputed in the backward pass): the output and softmax statistics of every query block of XLA's
+  # blockwise form, and of the CPU kernel's one call.
   q, k = jnp.ones((1, 8, 4, 8)), jnp.ones((1, 8, 2, 8))
   mask = jnp.tril(jnp.ones((8, 8), bool))[None, None]
-  layer = jax.checkpoint(lambda q, k: ops.causal_blockwise_attention(q, k, k, mask, 4),
-                         policy=llama._REMAT_POLICIES["dots"])  # pylint: disable=protected-access
-  with contextlib.redirect_stdout(io.StringIO()) as printed:
-    jax.ad_checkpoint.print_saved_residuals(layer, q, k)
-  for name in ops.ATTENTION_RESIDUALS:
-    assert printed.getvalue().count(f"named '{name}'") == 2, printed.getvalue()
+  assert cpu_kernels.available()
+  for attention, names, count in [(lambda q, k: ops.causal_blockwise_attention(q, k, k, mask, 4),
+                                   ("attention_out", "attention_row_max", "attention_row_sum"), 2),
+                                  (lambda q, k: cpu_kernels.training_attention(q, k, k, mask),
+                                   ("attention_out", "attention_lse"), 1)]:
+    layer = jax.checkpoint(attention, policy=llama._REMAT_POLICIES["dots"])  # pylint: disable=protected-access
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+      jax.ad_checkpoint.print_saved_residuals(layer, q, k)
+    for name in names:
+      assert printed.getvalue().count(f"named '{name}'") == count, printed.getvalue()
+    assert set(names) <= set(ops.ATTENTION_RESIDUALS)
 
 
 @pytest.mark.parametrize("heads", [6, 2], ids=["gqa", "mha"])

@@ -85,14 +85,14 @@ def test_gathered_loss_equals_full_vocabulary_projection_loss():
 
 
 def _one_step(config, batch, mesh, num_micro_batches=1, learning_rate=1e-3, max_loss_positions=16,
-              shape_bucket=0):
+              shape_bucket=0, use_cpu_kernels=True):
   """One train step from the same initial state; with shape_bucket, at the batch's planned shape (as the loop)."""
   schedule = optimizer_lib.learning_rate_schedule(learning_rate, 10, 0, decay="constant")
   optimizer = optimizer_lib.make_optimizer(schedule)
   rules = sharding.logical_axis_rules()
   step_fn, state_shardings, data_shardings, _ = step_lib.jit_train_step(
       config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
-      num_micro_batches=num_micro_batches)
+      num_micro_batches=num_micro_batches, use_cpu_kernels=use_cpu_kernels)
   state = jax.device_put(step_lib.new_train_state(llama.init_params(config, jax.random.key(0)), optimizer, 0),
                          state_shardings)
   shape = ()
@@ -124,6 +124,20 @@ def test_remat_and_unrolled_layers_take_the_same_step(overrides):
   variant, variant_metrics = _one_step(config_lib.tiny(**overrides), batch, mesh)
   np.testing.assert_allclose(variant_metrics["grad_norm"], metrics["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(reference["params"]), jax.tree.leaves(variant["params"])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"shape_bucket": 16, "num_micro_batches": 2}])
+def test_cpu_attention_kernels_take_the_same_step_as_xla(options):
+  # On one CPU device the step's attention runs cpu_attention.cc / cpu_attention_grad.cc; the same step through
+  # XLA's blockwise attention (the form every other backend and mesh runs) must update the params alike.
+  config, batch, mesh = config_lib.tiny(attention_query_block=16), _copy_task_batch(length=64), sharding.make_mesh()
+  assert step_lib._model(config, mesh, use_cpu_kernels=True).cpu_attention
+  xla, xla_metrics = _one_step(config, batch, mesh, use_cpu_kernels=False, **options)
+  ours, metrics = _one_step(config, batch, mesh, **options)
+  np.testing.assert_allclose(metrics["loss"], xla_metrics["loss"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["grad_norm"], xla_metrics["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ours["params"]), jax.tree.leaves(xla["params"])):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 

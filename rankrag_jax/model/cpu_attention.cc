@@ -8,77 +8,27 @@
 // 8 rows in the 8 lanes of a vector; a tile of at most 4 rows (a decode step's G query heads) takes each row's
 // scores as dot products over the features instead (`FewRowsAttention`). Tiles are shared out over the threads.
 //
+// For training, the same pass also writes each row's softmax log-normaliser (`CachedAttentionWithStats`), which
+// the backward pass (cpu_attention_grad.cc) takes instead of recomputing the forward.
+//
 // Built and registered by cpu_kernels.py (`jax.ffi`); compiled on first use with the host's C++ compiler.
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_attention.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 8;  // query rows per tile = f32 lanes of one 256-bit vector.
-typedef float Vec __attribute__((vector_size(32), aligned(4)));
-typedef int32_t IVec __attribute__((vector_size(32), aligned(4)));
-
-inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
-
-// exp(x) per lane, 0 below -87.3 (so exp(-inf) = 0): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by Cephes' expf
-// polynomial (relative error ~2e-7), 2^n through the exponent bits.
-inline Vec Exp(Vec x) {
-  const Vec lo = Vec{} - 87.33654f;
-  const IVec underflow = x < lo;
-  x = x < lo ? lo : x;
-  x = x > 88.37626f ? Vec{} + 88.37626f : x;
-  Vec n = x * 1.44269504088896341f + 0.5f;
-  Vec t = __builtin_convertvector(__builtin_convertvector(n, IVec), Vec);
-  n = t > n ? t - 1.0f : t;  // floor
-  Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  Vec p = 1.9875691500e-4f * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? Vec{} : p * scale;
-}
-
-// Whether every row sees slots [s0, s0 + 8) (most blocks of a prompt's causal mask): one 8-byte load per row.
-inline bool AllVisible(const bool* const mask_row[kLanes], int64_t s0, int64_t visible_end) {
-  if (s0 + kLanes > visible_end) return false;
-  constexpr uint64_t kAllTrue = 0x0101010101010101ull;
-  for (int64_t m = 0; m < kLanes; ++m) {
-    uint64_t bytes;
-    std::memcpy(&bytes, mask_row[m] + s0, sizeof(bytes));
-    if (bytes != kAllTrue) return false;
-  }
-  return true;
-}
-
-inline float Sum(Vec v) {
-  float total = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) total += v[i];
-  return total;
-}
+using namespace rankrag_attention;
 
 // A tile of R <= 4 rows (a decode step's G query heads of a kv head, G <= 4: SmolLM2, Llama-3-8B), D features:
 // with 8 lanes per row, 5 of 8 lanes would compute nothing, so here each row's score is a dot product over the
 // features, and the value product holds R x W vectors of features. Reads the same keys and values, ~2x fewer
 // instructions.
 template <int64_t D, int R>
-void FewRowsAttention(const float* const q_row[], float* const out_row[], const bool* const mask_row[],
-                      int64_t visible_end, const float* keys, const float* values) {
+void FewRowsAttention(const float* const q_row[], float* const out_row[], float* const lse_row[],
+                      const bool* const mask_row[], int64_t visible_end, const float* keys, const float* values) {
   constexpr int64_t kVecs = D / kLanes, W = R == 1 ? 8 : (R <= 3 ? 4 : 2);  // W feature vectors per pass
   static_assert(kVecs % W == 0, "feature vectors per pass must divide the head size");
   const int64_t padded = (visible_end + kLanes - 1) / kLanes * kLanes;
@@ -120,6 +70,7 @@ void FewRowsAttention(const float* const q_row[], float* const out_row[], const 
     }
     const float sum = Sum(total);
     inverse[m] = sum > 0 ? 1.0f / sum : 0.0f;
+    if (lse_row) *lse_row[m] = sum > 0 ? max + std::log(sum) : 0.0f;
   }
   for (int64_t v0 = 0; v0 < kVecs; v0 += W) {
     Vec acc[R][W] = {};
@@ -145,6 +96,7 @@ struct Work {
   const float *q, *k, *v;
   const bool* mask;  // [B, T, S]
   float* out;
+  float* lse = nullptr;  // [B, H, T] or none: log sum_s exp(score[s]) per query row
   int64_t t_size, heads, kv_heads, group, s_size, d_size, tiles_per_kv_head, num_tiles;
   std::atomic<int64_t> next{0}, done{0};
 
@@ -173,6 +125,7 @@ struct Work {
     const int64_t rows = std::min(kLanes, group * t_size - r0);
     const float* q_row[kLanes];
     float* out_row[kLanes];
+    float* lse_row[kLanes];
     const bool* mask_row[kLanes];
     int64_t visible_end = 0;  // past the last slot any of the tile's rows sees
     for (int64_t m = 0; m < kLanes; ++m) {
@@ -181,27 +134,31 @@ struct Work {
       const int64_t offset = ((b * t_size + t) * heads + c * group + g) * d_size;
       q_row[m] = q + offset;
       out_row[m] = out + offset;
+      lse_row[m] = lse ? lse + (b * heads + c * group + g) * t_size + t : nullptr;
       mask_row[m] = mask + (b * t_size + t) * s_size;
-      int64_t end = s_size;
-      for (uint64_t bytes; end - 8 >= visible_end; end -= 8) {  // 8 slots at a time past the last visible one
-        std::memcpy(&bytes, mask_row[m] + end - 8, sizeof(bytes));
-        if (bytes) break;
-      }
-      while (end > visible_end && !mask_row[m][end - 1]) --end;
-      visible_end = std::max(visible_end, end);
+      visible_end = VisibleEnd(mask_row[m], s_size, visible_end);
     }
     if (visible_end == 0) {  // padding rows see nothing: zeros (XLA's softmax would average every slot).
-      for (int64_t m = 0; m < rows; ++m) std::fill(out_row[m], out_row[m] + d_size, 0.0f);
+      for (int64_t m = 0; m < rows; ++m) {
+        std::fill(out_row[m], out_row[m] + d_size, 0.0f);
+        if (lse) *lse_row[m] = 0.0f;
+      }
       return;
     }
-    const float* keys = k + (b * kv_heads + c) * s_size * d_size;
-    const float* values = v + (b * kv_heads + c) * s_size * d_size;
+    // From here on the tile sees the window [begin, visible_end) of the slots: the slots before the first one any
+    // row sees (the earlier examples of a packed training row) are skipped.
+    const int64_t begin = WindowBegin(mask_row, visible_end);
+    for (int64_t m = 0; m < kLanes; ++m) mask_row[m] += begin;
+    visible_end -= begin;
+    const float* keys = k + ((b * kv_heads + c) * s_size + begin) * d_size;
+    const float* values = v + ((b * kv_heads + c) * s_size + begin) * d_size;
+    float* const* stats = lse ? lse_row : nullptr;
     if constexpr (kFeatures != 0) {
       switch (rows) {
-        case 1: return FewRowsAttention<kFeatures, 1>(q_row, out_row, mask_row, visible_end, keys, values);
-        case 2: return FewRowsAttention<kFeatures, 2>(q_row, out_row, mask_row, visible_end, keys, values);
-        case 3: return FewRowsAttention<kFeatures, 3>(q_row, out_row, mask_row, visible_end, keys, values);
-        case 4: return FewRowsAttention<kFeatures, 4>(q_row, out_row, mask_row, visible_end, keys, values);
+        case 1: return FewRowsAttention<kFeatures, 1>(q_row, out_row, stats, mask_row, visible_end, keys, values);
+        case 2: return FewRowsAttention<kFeatures, 2>(q_row, out_row, stats, mask_row, visible_end, keys, values);
+        case 3: return FewRowsAttention<kFeatures, 3>(q_row, out_row, stats, mask_row, visible_end, keys, values);
+        case 4: return FewRowsAttention<kFeatures, 4>(q_row, out_row, stats, mask_row, visible_end, keys, values);
       }
     }
     const int64_t blocks = (visible_end + kLanes - 1) / kLanes;
@@ -250,6 +207,7 @@ struct Work {
     }
     Vec inverse;
     for (int64_t m = 0; m < kLanes; ++m) inverse[m] = total[m] > 0 ? 1.0f / total[m] : 0.0f;
+    for (int64_t m = 0; m < rows && lse; ++m) *lse_row[m] = total[m] > 0 ? row_max[m] + std::log(total[m]) : 0.0f;
     // Values, 8 features at a time: acc[m] holds row m's output features [d0, d0 + 8).
     for (int64_t d0 = 0; d0 < d_size; d0 += kLanes) {
       Vec acc[kLanes] = {};
@@ -266,8 +224,8 @@ struct Work {
   }
 };
 
-ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+                     ffi::Buffer<ffi::PRED>& mask, float* out, float* lse) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
   auto md = mask.dimensions();
@@ -282,7 +240,8 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   work->k = k.typed_data();
   work->v = v.typed_data();
   work->mask = mask.typed_data();
-  work->out = out->typed_data();
+  work->out = out;
+  work->lse = lse;
   work->t_size = qd[1];
   work->heads = qd[2];
   work->kv_heads = kd[1];
@@ -291,11 +250,24 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   work->d_size = qd[3];
   work->tiles_per_kv_head = (work->group * work->t_size + kLanes - 1) / kLanes;
   work->num_tiles = qd[0] * work->kv_heads * work->tiles_per_kv_head;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, work->num_tiles); ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->num_tiles) std::this_thread::yield();
+  RunOnPool(pool, work, work->num_tiles);
   return ffi::Error::Success();
+}
+
+ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
+  return Attention(pool, q, k, v, mask, out->typed_data(), nullptr);
+}
+
+ffi::Error CachedAttentionWithStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  auto qd = q.dimensions();
+  auto ld = lse->dimensions();
+  if (qd.size() != 4 || ld.size() != 3 || ld[0] != qd[0] || ld[1] != qd[2] || ld[2] != qd[1]) {
+    return ffi::Error::InvalidArgument("cpu_attention: expected q [B, T, H, D] and lse [B, H, T]");
+  }
+  return Attention(pool, q, k, v, mask, out->typed_data(), lse->typed_data());
 }
 
 }  // namespace
@@ -307,4 +279,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttentionHandler, CachedAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttentionWithStatsHandler, CachedAttentionWithStats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

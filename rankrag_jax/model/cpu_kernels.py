@@ -1,7 +1,8 @@
 """C++ kernels on XLA:CPU's thread pool, through `jax.ffi`: `row_matmul.cc` (few-row products over panel-order
-kernels, `row_matmul.py`: generate's decode steps) and `cpu_attention.cc` (`cached_attention`, attention over the
-KV cache: generate's prompts and steps, rerank's scoring). Both exist because XLA:CPU runs these small products on
-one core, or as many small passes (bench/README.md, sessions 15 and 16).
+kernels, `row_matmul.py`: generate's decode steps), `cpu_attention.cc` (`cached_attention`, attention over the
+KV cache: generate's prompts and steps, rerank's scoring) and, with `cpu_attention_grad.cc`, `training_attention`
+(training's causal attention, forward and backward). They exist because XLA:CPU runs these small products on one
+core, or as many small passes (bench/README.md, sessions 15, 16 and 18).
 
 Both are compiled on first use, as one library, with the host's C++ compiler (`$CXX`, else `c++`) into the cache
 (`assets.cache_root()`), keyed by their sources, jax's version and the CPU. `available()` says whether that worked;
@@ -23,15 +24,22 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh
 
+from jax.ad_checkpoint import checkpoint_name
+
 from rankrag_jax import assets
+from rankrag_jax.model import ops
 from rankrag_jax.model.config import LlamaConfig
 
 Array = jax.Array
 
-_SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("row_matmul.cc", "cpu_attention.cc"))
+_SOURCES = tuple(pathlib.Path(__file__).with_name(name)
+                 for name in ("row_matmul.cc", "cpu_attention.cc", "cpu_attention_grad.cc"))
+_HEADERS = (pathlib.Path(__file__).with_name("cpu_attention.h"),)
 # FFI target name -> the handler symbol that registers it.
 ROW_MATMUL, ATTENTION = "rankrag_row_matmul", "rankrag_cpu_attention"
-_HANDLERS = {ROW_MATMUL: "RowMatmulHandler", ATTENTION: "CachedAttentionHandler"}
+ATTENTION_STATS, ATTENTION_GRAD = "rankrag_cpu_attention_stats", "rankrag_cpu_attention_grad"
+_HANDLERS = {ROW_MATMUL: "RowMatmulHandler", ATTENTION: "CachedAttentionHandler",
+             ATTENTION_STATS: "CachedAttentionWithStatsHandler", ATTENTION_GRAD: "CachedAttentionGradHandler"}
 
 
 def _cpu_id() -> str:
@@ -51,7 +59,7 @@ def _compile(library: pathlib.Path) -> None:
   with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
     built = pathlib.Path(tmp) / library.name
     cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-           f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", str(built)]
+           f"-I{jax.ffi.include_dir()}", f"-I{_HEADERS[0].parent}", *map(str, _SOURCES), "-o", str(built)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()[-2000:]}")
@@ -63,7 +71,7 @@ def available() -> bool:
   """True once the kernels are compiled (or found in the cache) and registered for the CPU backend."""
   if jax.default_backend() != "cpu":
     return False
-  key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in _SOURCES), jax.__version__.encode(),
+  key = hashlib.sha256(b"\0".join([*(s.read_bytes() for s in _SOURCES + _HEADERS), jax.__version__.encode(),
                                    _cpu_id().encode()]))
   library = assets.cache_root() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
   try:
@@ -74,7 +82,8 @@ def available() -> bool:
           _compile(library)
     loaded = ctypes.cdll.LoadLibrary(str(library))
   except (OSError, RuntimeError) as e:
-    logging.warning("CPU kernels unavailable, generation and scoring use XLA's ops (decoding ~2x slower): %s", e)
+    logging.warning("CPU kernels unavailable, generation, scoring and training use XLA's ops (decoding ~2x "
+                    "slower): %s", e)
     return False
   for target, symbol in _HANDLERS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
@@ -82,7 +91,7 @@ def available() -> bool:
 
 
 def attention_usable(config: LlamaConfig, mesh: Mesh | None = None) -> bool:
-  """Whether `cached_attention` can run a model's attention: f32 activations, a head size that is a multiple of
+  """Whether `cached_attention` and `training_attention` can run a model's attention: f32 activations, a head size that is a multiple of
   8, at most one device (an FFI call has no sharding rule: XLA would gather its operands), the kernels built."""
   return ((mesh is None or mesh.size == 1) and config.dtype == jnp.float32 and config.head_dim % 8 == 0
           and available())
@@ -100,3 +109,52 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
       q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
       mask.reshape(b, t, k.shape[2]).astype(jnp.bool_))
+
+
+# Partial sums of dk and dv that `training_attention`'s backward pass keeps apart (one per thread of this
+# machine's two cores, and more work items to share out than kv heads x rows alone).
+GRAD_PARTS = 2
+
+
+def _mask_rows(mask: Array) -> Array:
+  return mask.reshape(mask.shape[0], mask.shape[2], mask.shape[3]).astype(jnp.bool_)
+
+
+def _training_attention_forward(q, k, v, mask):
+  b, t, h, _ = q.shape
+  keys, values = (jnp.swapaxes(x, 1, 2).astype(jnp.float32) for x in (k, v))
+  out, lse = jax.ffi.ffi_call(ATTENTION_STATS, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                                jax.ShapeDtypeStruct((b, h, t), jnp.float32)))(
+      q.astype(jnp.float32), keys, values, _mask_rows(mask))
+  return out, lse, keys, values
+
+
+@jax.custom_vjp
+def training_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Cache-free attention (training's form): q [B, T, H, D], k and v [B, T, Kh, D], mask [B, 1, T, T] (causal and
+  per segment), f32 on the thread pool (`cpu_attention.cc` forward, `cpu_attention_grad.cc` backward; needs
+  `available()`). The forward pass keeps its output and each row's softmax log-normaliser (named in
+  `ops.ATTENTION_RESIDUALS`, so the "dots" remat policy saves them) and the backward pass recomputes the
+  probabilities from them. A query row that sees no key gets zeros and no gradient.
+  """
+  return _training_attention_forward(q, k, v, mask)[0].astype(q.dtype)
+
+
+def _training_attention_fwd(q, k, v, mask):
+  out, lse, _, _ = _training_attention_forward(q, k, v, mask)
+  out, lse = checkpoint_name(out, ops.ATTENTION_RESIDUALS[0]), checkpoint_name(lse, ops.ATTENTION_RESIDUALS[-1])
+  return out.astype(q.dtype), (q, k, v, mask, out, lse)
+
+
+def _training_attention_bwd(residuals, d_out):
+  q, k, v, mask, out, lse = residuals
+  b, t, kv_heads, d = k.shape
+  keys, values = (jnp.swapaxes(x, 1, 2).astype(jnp.float32) for x in (k, v))
+  parts = jax.ShapeDtypeStruct((GRAD_PARTS, b, kv_heads, t, d), jnp.float32)
+  dq, dk, dv = jax.ffi.ffi_call(ATTENTION_GRAD, (jax.ShapeDtypeStruct(q.shape, jnp.float32), parts, parts))(
+      q.astype(jnp.float32), keys, values, _mask_rows(mask), out, lse, d_out.astype(jnp.float32))
+  dk, dv = (jnp.swapaxes(x.sum(axis=0), 1, 2) for x in (dk, dv))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+training_attention.defvjp(_training_attention_fwd, _training_attention_bwd)

@@ -113,7 +113,8 @@ def _dense_kwargs(cfg: LlamaConfig, panel_kernels: bool) -> dict:
 
 
 class Attention(nn.Module):
-  """With cpu_attention: attention over the KV cache runs `cpu_kernels.cached_attention` (f32, XLA:CPU, one device)."""
+  """With cpu_attention (f32, XLA:CPU, one device), attention runs on the thread pool: over the KV cache
+  `cpu_kernels.cached_attention`, without one (training) `cpu_kernels.training_attention`."""
   config: LlamaConfig
   panel_kernels: bool = False
   cpu_attention: bool = False
@@ -164,6 +165,8 @@ class Attention(nn.Module):
         out = ops.prefill_blockwise_attention(q, k_all, v_all, mask, cache_index, ops.PREFILL_QUERY_BLOCK)
       else:
         out = ops.cached_attention(q, k_all, v_all, mask)
+    elif self.cpu_attention:
+      out = cpu_kernels.training_attention(q, k, v, mask)
     elif 0 < cfg.attention_query_block < q.shape[1]:
       out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
     else:  # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
@@ -244,7 +247,7 @@ _REMAT_POLICIES = {
 class Llama(nn.Module):
   """Llama decoder. `__call__` gives full logits; `hidden_states` + `logits_from_hidden` let callers project
   only the positions and vocabulary rows they need (training loss, P("True") scoring). With cpu_attention, the
-  layers' attention over a KV cache runs `cpu_kernels.cached_attention` (`cpu_kernels.attention_usable`)."""
+  layers' attention runs on XLA:CPU's thread pool (`Attention`; `cpu_kernels.attention_usable`)."""
   config: LlamaConfig
   cpu_attention: bool = False
 

@@ -13,9 +13,10 @@ from jax.ad_checkpoint import checkpoint_name
 Array = jax.Array
 
 _LOWEST = jnp.finfo(jnp.float32).min
-# Names of the training attention's saved softmax statistics and output (`block_attention`); remat policies that
-# keep them spare the backward pass a forward recomputation (llama._REMAT_POLICIES).
-ATTENTION_RESIDUALS = ("attention_out", "attention_row_max", "attention_row_sum")
+# Names of the training attention's saved output and softmax statistics (`block_attention`'s output, row max and
+# row sum; `cpu_kernels.training_attention`'s output and log-normaliser); remat policies that keep them spare the
+# backward pass a forward recomputation (llama._REMAT_POLICIES).
+ATTENTION_RESIDUALS = ("attention_out", "attention_row_max", "attention_row_sum", "attention_lse")
 
 
 def _grouped_queries(q: Array, kv_heads: int) -> Array:

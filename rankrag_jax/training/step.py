@@ -18,6 +18,7 @@ import optax
 
 from rankrag_jax import sharding as sharding_lib
 from rankrag_jax.model import axes
+from rankrag_jax.model import cpu_kernels
 from rankrag_jax.model import ops
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama
@@ -139,8 +140,13 @@ def eval_step(params: dict, batch: dict, *, model: Llama, max_loss_positions: in
 
 
 def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                   mesh: Mesh, rules, *, max_loss_positions: int | None = None, num_micro_batches: int = 1):
+                   mesh: Mesh, rules, *, max_loss_positions: int | None = None, num_micro_batches: int = 1,
+                   use_cpu_kernels: bool = True):
   """train_step jitted with explicit in/out shardings and the state donated (updated in place).
+
+  use_cpu_kernels: on XLA:CPU (f32, one device), attention forward and backward run on the thread pool
+  (`cpu_kernels.training_attention`; bench/README.md, session 18) instead of `config.attention_query_block`'s
+  blockwise XLA form.
 
   Returns (step_fn, state_shardings, batch_shardings, abstract_state). Call step_fn(state, batch) under
   `sharding_context(mesh, rules)` (the model's activation constraints read the rules at trace time), or
@@ -149,7 +155,7 @@ def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
   """
   abstract, state_shardings = train_state_shardings(config, optimizer, mesh, rules)
   data_shardings = batch_shardings(mesh, rules)
-  step = functools.partial(train_step, model=Llama(config), optimizer=optimizer, schedule=schedule,
+  step = functools.partial(train_step, model=_model(config, mesh, use_cpu_kernels), optimizer=optimizer, schedule=schedule,
                            num_micro_batches=num_micro_batches, num_shards=num_data_shards(mesh, rules))
 
   def fn(state, batch, num_tokens=None, loss_positions=None):  # positional: jit with in_shardings takes no kwargs
@@ -163,10 +169,15 @@ def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
 
 
 def jit_eval_step(config: LlamaConfig, mesh: Mesh, rules, param_shardings, *,
-                  max_loss_positions: int | None = None):
-  fn = functools.partial(eval_step, model=Llama(config), max_loss_positions=max_loss_positions)
+                  max_loss_positions: int | None = None, use_cpu_kernels: bool = True):
+  fn = functools.partial(eval_step, model=_model(config, mesh, use_cpu_kernels),
+                         max_loss_positions=max_loss_positions)
   return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, rules)),
                  out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=_compiler_options(mesh))
+
+
+def _model(config: LlamaConfig, mesh: Mesh, use_cpu_kernels: bool) -> Llama:
+  return Llama(config, cpu_attention=use_cpu_kernels and cpu_kernels.attention_usable(config, mesh))
 
 
 def _compiler_options(mesh: Mesh) -> dict | None:
