@@ -91,10 +91,11 @@ def available() -> bool:
 
 
 def attention_usable(config: LlamaConfig, mesh: Mesh | None = None) -> bool:
-  """Whether `cached_attention` and `training_attention` can run a model's attention: f32 activations, a head size that is a multiple of
-  8, at most one device (an FFI call has no sharding rule: XLA would gather its operands), the kernels built."""
-  return ((mesh is None or mesh.size == 1) and config.dtype == jnp.float32 and config.head_dim % 8 == 0
-          and available())
+  """Whether `cached_attention` and `training_attention` can run a model's attention: f32 activations, a head size
+  that is a multiple of 8, at most one device and a CPU one (an FFI call has no sharding rule: XLA would gather its
+  operands; a program compiled ahead of time for a TPU has no CPU kernels), the kernels built."""
+  one_cpu = mesh is None or (mesh.size == 1 and mesh.devices.flat[0].platform == "cpu")
+  return one_cpu and config.dtype == jnp.float32 and config.head_dim % 8 == 0 and available()
 
 
 def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
