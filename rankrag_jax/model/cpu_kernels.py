@@ -4,7 +4,7 @@ KV cache: generate's prompts and steps, rerank's scoring) and, with `cpu_attenti
 (training's causal attention, forward and backward). They exist because XLA:CPU runs these small products on one
 core, or as many small passes (bench/README.md, sessions 15, 16 and 18).
 
-Both are compiled on first use, as one library, with the host's C++ compiler (`$CXX`, else `c++`) into the cache
+All are compiled on first use, as one library, with the host's C++ compiler (`$CXX`, else `c++`) into the cache
 (`assets.cache_root()`), keyed by their sources, jax's version and the CPU. `available()` says whether that worked;
 callers fall back to XLA's ops when it did not (no compiler, another backend).
 """
@@ -22,9 +22,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from absl import logging
-from jax.sharding import Mesh
-
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
 
 from rankrag_jax import assets
 from rankrag_jax.model import ops
@@ -127,7 +126,7 @@ def _training_attention_forward(q, k, v, mask):
   out, lse = jax.ffi.ffi_call(ATTENTION_STATS, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                                 jax.ShapeDtypeStruct((b, h, t), jnp.float32)))(
       q.astype(jnp.float32), keys, values, _mask_rows(mask))
-  return out, lse, keys, values
+  return out, lse
 
 
 @jax.custom_vjp
@@ -142,7 +141,7 @@ def training_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def _training_attention_fwd(q, k, v, mask):
-  out, lse, _, _ = _training_attention_forward(q, k, v, mask)
+  out, lse = _training_attention_forward(q, k, v, mask)
   out, lse = checkpoint_name(out, ops.ATTENTION_RESIDUALS[0]), checkpoint_name(lse, ops.ATTENTION_RESIDUALS[-1])
   return out.astype(q.dtype), (q, k, v, mask, out, lse)
 
