@@ -92,32 +92,16 @@ void FewRowsAttention(const float* const q_row[], float* const out_row[], float*
   }
 }
 
-struct Work {
-  const float *q, *k, *v;
-  const bool* mask;  // [B, T, S]
+struct Work : AttentionInputs {
   float* out;
   float* lse = nullptr;  // [B, H, T] or none: log sum_s exp(score[s]) per query row
-  int64_t t_size, heads, kv_heads, group, s_size, d_size, tiles_per_kv_head, num_tiles;
   std::atomic<int64_t> next{0}, done{0};
 
-  void Run() {
-    for (int64_t tile; (tile = next.fetch_add(1, std::memory_order_relaxed)) < num_tiles;) {
-      // Llama-3's and SmolLM2's head sizes as constants: the compiler unrolls the feature loops.
-      if (d_size == 64) {
-        Tile<64>(tile);
-      } else if (d_size == 128) {
-        Tile<128>(tile);
-      } else {
-        Tile<0>(tile);
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  // One tile: up to 8 consecutive rows r of kv head c's G * T query rows (r = g * T + t: query head c * G + g at
-  // position t), so a decode step's G heads share a tile and a prompt's tiles are 8 positions of one head.
+  // Item `tile` (RunItems): up to 8 consecutive rows r of kv head c's G * T query rows (r = g * T + t: query head
+  // c * G + g at position t), so a decode step's G heads share a tile and a prompt's tiles are 8 positions of one
+  // head.
   template <int64_t kFeatures>
-  void Tile(int64_t tile) {
+  void Item(int64_t tile) {
     const int64_t d_size = kFeatures ? kFeatures : this->d_size;
     const int64_t b = tile / (kv_heads * tiles_per_kv_head);
     const int64_t c = tile / tiles_per_kv_head % kv_heads;
@@ -224,33 +208,17 @@ struct Work {
   }
 };
 
-ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                     ffi::Buffer<ffi::PRED>& mask, float* out, float* lse) {
-  auto qd = q.dimensions();
-  auto kd = k.dimensions();
-  auto md = mask.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || kd[0] != qd[0] || kd[3] != qd[3] ||
-      qd[2] % kd[1] != 0 || qd[3] % kLanes != 0 || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2] ||
-      v.dimensions().size() != 4 || !std::equal(kd.begin(), kd.end(), v.dimensions().begin())) {
+ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                     ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& mask, float* out, float* lse) {
+  auto work = std::make_shared<Work>();
+  if (!work->Set(q, k, v, mask)) {
     return ffi::Error::InvalidArgument(
         "cpu_attention: expected q [B, T, H, D], k and v [B, Kh, S, D], mask [B, T, S], H % Kh == 0, D % 8 == 0");
   }
-  auto work = std::make_shared<Work>();
-  work->q = q.typed_data();
-  work->k = k.typed_data();
-  work->v = v.typed_data();
-  work->mask = mask.typed_data();
   work->out = out;
   work->lse = lse;
-  work->t_size = qd[1];
-  work->heads = qd[2];
-  work->kv_heads = kd[1];
-  work->group = qd[2] / kd[1];
-  work->s_size = kd[2];
-  work->d_size = qd[3];
-  work->tiles_per_kv_head = (work->group * work->t_size + kLanes - 1) / kLanes;
-  work->num_tiles = qd[0] * work->kv_heads * work->tiles_per_kv_head;
-  RunOnPool(pool, work, work->num_tiles);
+  const int64_t tiles = work->batch * work->kv_heads * work->tiles_per_kv_head;
+  RunOnPool(pool, work, tiles);
   return ffi::Error::Success();
 }
 
@@ -273,20 +241,9 @@ ffi::Error CachedAttentionWithStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttentionHandler, CachedAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              rankrag_attention::BindAttentionArgs().Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttentionWithStatsHandler, CachedAttentionWithStats,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              rankrag_attention::BindAttentionArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse

@@ -1,5 +1,6 @@
-// Vector helpers shared by cpu_attention.cc (attention over a KV cache, and its forward pass for training) and
-// cpu_attention_grad.cc (its backward pass): 8 f32 lanes of one 256-bit vector, one query row per lane.
+// What cpu_attention.cc (attention over a KV cache, and its forward pass for training) and cpu_attention_grad.cc
+// (its backward pass) share: vector helpers (8 f32 lanes of one 256-bit vector, one query row per lane), the
+// inputs' shapes, running work items on XLA:CPU's thread pool, and the FFI binding of q, k, v and the mask.
 #ifndef RANKRAG_JAX_MODEL_CPU_ATTENTION_H_
 #define RANKRAG_JAX_MODEL_CPU_ATTENTION_H_
 
@@ -90,14 +91,75 @@ inline int64_t WindowBegin(const bool* const mask_row[kLanes], int64_t visible_e
   return begin;
 }
 
-// Runs work->Run() on the calling thread and on up to `items - 1` of the pool's threads, and returns when
-// work->done reaches `items`. Work::Run takes items off an atomic counter and counts each one done.
+// What every attention kernel reads: q [B, T, H, D], heads-major k and v [B, Kh, S, D], mask [B, T, S], with H a
+// multiple of Kh and D of 8; kv head c's G * T query rows r (r = g * T + t: query head c * G + g at position t)
+// make tiles_per_kv_head tiles of 8.
+struct AttentionInputs {
+  const float *q, *k, *v;
+  const bool* mask;
+  int64_t batch, t_size, heads, kv_heads, group, s_size, d_size, tiles_per_kv_head;
+
+  // Sets the fields and returns true if the shapes are as above, else returns false.
+  bool Set(xla::ffi::Buffer<xla::ffi::F32>& q_in, xla::ffi::Buffer<xla::ffi::F32>& k_in,
+           xla::ffi::Buffer<xla::ffi::F32>& v_in, xla::ffi::Buffer<xla::ffi::PRED>& mask_in) {
+    auto qd = q_in.dimensions();
+    auto kd = k_in.dimensions();
+    auto md = mask_in.dimensions();
+    if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || kd[0] != qd[0] || kd[3] != qd[3] ||
+        qd[2] % kd[1] != 0 || qd[3] % kLanes != 0 || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2] ||
+        v_in.dimensions().size() != 4 || !std::equal(kd.begin(), kd.end(), v_in.dimensions().begin())) {
+      return false;
+    }
+    q = q_in.typed_data();
+    k = k_in.typed_data();
+    v = v_in.typed_data();
+    mask = mask_in.typed_data();
+    batch = qd[0];
+    t_size = qd[1];
+    heads = qd[2];
+    kv_heads = kd[1];
+    group = heads / kv_heads;
+    s_size = kd[2];
+    d_size = qd[3];
+    tiles_per_kv_head = (group * t_size + kLanes - 1) / kLanes;
+    return true;
+  }
+};
+
+// Takes items off work->next until `items` are taken, each through work->Item<D>(item) with D = the head size
+// for SmolLM2's and Llama-3's (64, 128: the feature loops unroll), D = 0 otherwise; counts each one done.
+template <typename Work>
+void RunItems(Work& work, int64_t items) {
+  for (int64_t item; (item = work.next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+    if (work.d_size == 64) {
+      work.template Item<64>(item);
+    } else if (work.d_size == 128) {
+      work.template Item<128>(item);
+    } else {
+      work.template Item<0>(item);
+    }
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// RunItems on the calling thread and on up to `items - 1` of the pool's threads; returns when all are done.
 template <typename Work>
 void RunOnPool(xla::ffi::ThreadPool& pool, std::shared_ptr<Work> work, int64_t items) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, items); ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
+  for (int64_t t = 1; t < std::min(threads, items); ++t) pool.Schedule([work, items] { RunItems(*work, items); });
+  RunItems(*work, items);
   while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+// The FFI binding every attention handler starts with: the thread pool, then q, k, v and the mask.
+inline auto BindAttentionArgs() {
+  namespace ffi = xla::ffi;
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::PRED>>();
 }
 
 }  // namespace rankrag_attention

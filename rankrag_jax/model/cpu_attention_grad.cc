@@ -22,27 +22,13 @@ namespace {
 
 using namespace rankrag_attention;
 
-struct GradWork {
-  const float *q, *k, *v, *out, *d_out, *lse;
-  const bool* mask;  // [B, T, S]
+struct GradWork : AttentionInputs {
+  const float *out, *d_out, *lse;
   float *dq, *dk, *dv;
-  int64_t batch, t_size, heads, kv_heads, group, s_size, d_size, parts, tiles_per_kv_head, num_items;
+  int64_t parts;
   std::atomic<int64_t> next{0}, done{0};
 
-  void Run() {
-    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < num_items;) {
-      if (d_size == 64) {  // SmolLM2's and Llama-3's head sizes as constants: the feature loops unroll.
-        Item<64>(item);
-      } else if (d_size == 128) {
-        Item<128>(item);
-      } else {
-        Item<0>(item);
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  // Item (p, b, c): kv head c of row b, tiles p, p + P, ...; its dk / dv partial sums are [p, b, c].
+  // Item (p, b, c) (RunItems): kv head c of row b, tiles p, p + P, ...; its dk / dv partial sums are [p, b, c].
   template <int64_t kFeatures>
   void Item(int64_t item) {
     const int64_t d_size = kFeatures ? kFeatures : this->d_size;
@@ -179,58 +165,38 @@ ffi::Error CachedAttentionGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
                                ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
                                ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                                ffi::ResultBuffer<ffi::F32> dv) {
+  auto work = std::make_shared<GradWork>();
   auto qd = q.dimensions();
   auto kd = k.dimensions();
-  auto md = mask.dimensions();
   auto ld = lse.dimensions();
   auto pd = dk->dimensions();
   const bool same_as_q = std::equal(qd.begin(), qd.end(), out.dimensions().begin()) &&
                          std::equal(qd.begin(), qd.end(), d_out.dimensions().begin());
-  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || ld.size() != 3 || pd.size() != 5 || !same_as_q ||
-      kd[0] != qd[0] || kd[3] != qd[3] || qd[2] % kd[1] != 0 || qd[3] % kLanes != 0 || md[0] != qd[0] ||
-      md[1] != qd[1] || md[2] != kd[2] || ld[0] != qd[0] || ld[1] != qd[2] || ld[2] != qd[1] ||
-      !std::equal(kd.begin(), kd.end(), v.dimensions().begin()) || !std::equal(kd.begin(), kd.end(), pd.begin() + 1)) {
+  if (!work->Set(q, k, v, mask) || ld.size() != 3 || pd.size() != 5 || !same_as_q || ld[0] != qd[0] ||
+      ld[1] != qd[2] || ld[2] != qd[1] || !std::equal(kd.begin(), kd.end(), pd.begin() + 1)) {
     return ffi::Error::InvalidArgument(
         "cpu_attention_grad: expected q, out, d_out [B, T, H, D], k and v [B, Kh, S, D], mask [B, T, S], lse "
         "[B, H, T], dk and dv [P, B, Kh, S, D], H % Kh == 0, D % 8 == 0");
   }
-  auto work = std::make_shared<GradWork>();
-  work->q = q.typed_data();
-  work->k = k.typed_data();
-  work->v = v.typed_data();
-  work->mask = mask.typed_data();
   work->out = out.typed_data();
   work->lse = lse.typed_data();
   work->d_out = d_out.typed_data();
   work->dq = dq->typed_data();
   work->dk = dk->typed_data();
   work->dv = dv->typed_data();
-  work->batch = qd[0];
-  work->t_size = qd[1];
-  work->heads = qd[2];
-  work->kv_heads = kd[1];
-  work->group = qd[2] / kd[1];
-  work->s_size = kd[2];
-  work->d_size = qd[3];
   work->parts = pd[0];
-  work->tiles_per_kv_head = (work->group * work->t_size + kLanes - 1) / kLanes;
-  work->num_items = work->parts * qd[0] * work->kv_heads;
-  RunOnPool(pool, work, work->num_items);
+  const int64_t items = work->parts * work->batch * work->kv_heads;
+  RunOnPool(pool, work, items);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CachedAttentionGradHandler, CachedAttentionGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              rankrag_attention::BindAttentionArgs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // d_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dk partial sums
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv partial sums
