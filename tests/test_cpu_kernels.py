@@ -105,7 +105,7 @@ def packed_rows(batch, length, seed):
 
 @pytest.mark.parametrize("batch, length, heads, kv_heads, head_dim", [
     (4, 96, 9, 3, 64),  # SmolLM2's heads: 3 query heads per kv head
-    (1, 70, 8, 2, 128),  # Llama-3's head size; one row: fewer work items than threads x parts; T % 8 != 0
+    (1, 70, 8, 2, 128),  # Llama-3's head size and group (4 query heads per kv head); one row; T % 8 != 0
     (3, 21, 4, 4, 8),  # no grouping (MHA); tiles of 8 rows straddle two query heads
 ])
 def test_training_attention_and_its_gradients_equal_xla(batch, length, heads, kv_heads, head_dim):

@@ -132,7 +132,7 @@ def test_cpu_attention_kernels_take_the_same_step_as_xla(options):
   # On one CPU device the step's attention runs cpu_attention.cc / cpu_attention_grad.cc; the same step through
   # XLA's blockwise attention (the form every other backend and mesh runs) must update the params alike.
   config, batch, mesh = config_lib.tiny(attention_query_block=16), _copy_task_batch(length=64), sharding.make_mesh()
-  assert step_lib._model(config, mesh, use_cpu_kernels=True).cpu_attention
+  assert step_lib._model(config, mesh, use_cpu_kernels=True).cpu_attention  # pylint: disable=protected-access
   xla, xla_metrics = _one_step(config, batch, mesh, use_cpu_kernels=False, **options)
   ours, metrics = _one_step(config, batch, mesh, **options)
   np.testing.assert_allclose(metrics["loss"], xla_metrics["loss"], rtol=1e-6)
