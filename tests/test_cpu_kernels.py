@@ -134,6 +134,12 @@ def test_training_attention_and_its_gradients_equal_xla(batch, length, heads, kv
   assert float(jnp.max(jnp.abs(got_grads[0]))) > 0.1  # the comparison is not between zeros
 
 
+def test_training_attention_names_the_shapes_it_cannot_take():
+  q, kv = jnp.zeros((2, 5, 6, 16)), jnp.zeros((2, 5, 4, 16))  # 6 query heads over 4 kv heads
+  with pytest.raises(ValueError, match=r"H a multiple of Kh.*got q \(2, 5, 6, 16\), k \(2, 5, 4, 16\)"):
+    cpu_kernels.training_attention(q, kv, kv, jnp.ones((2, 1, 5, 5), bool))
+
+
 def test_without_a_compiler_it_is_unavailable_and_says_why(tmp_path, monkeypatch):
   monkeypatch.setenv("RANKRAG_JAX_CACHE", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")

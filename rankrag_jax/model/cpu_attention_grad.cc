@@ -78,11 +78,11 @@ struct GradWork : AttentionInputs {
     const int64_t rows = std::min(kLanes, group * t_size - r0);
     const bool* mask_row[kLanes];
     float* dq_row[kLanes];
-    thread_local std::vector<float> qs, qt, dos, dot, probs, d_scores, zeros;
-    qs.resize(kLanes * d_size);  // [8, D] the rows' queries scaled by 1 / sqrt(D), for dk
-    dos.resize(kLanes * d_size);  // [8, D] d_out, for dv
-    qt.resize(d_size * kLanes);  // [D, 8] the same, transposed, for the scores
-    dot.resize(d_size * kLanes);  // [D, 8] d_out transposed, for dP = dO . v
+    thread_local std::vector<float> q_rows, q_t, d_out_rows, d_out_t, probs, d_scores, zeros;
+    q_rows.resize(kLanes * d_size);  // [8, D] the rows' queries scaled by 1 / sqrt(D), for dk
+    q_t.resize(d_size * kLanes);  // [D, 8] the same, transposed, for the scores
+    d_out_rows.resize(kLanes * d_size);  // [8, D] the rows' d_out, for dv
+    d_out_t.resize(d_size * kLanes);  // [D, 8] the same, transposed, for dP = dO . v
     zeros.assign(d_size, 0.0f);
     const float scale = 1.0f / std::sqrt(static_cast<float>(d_size));
     Vec lse_rows = {}, delta = {};
@@ -97,8 +97,8 @@ struct GradWork : AttentionInputs {
       float dot_out = 0.0f;
       for (int64_t d = 0; d < d_size; ++d) {
         const float dout = m < rows ? d_out[offset + d] : 0.0f;
-        qs[m * d_size + d] = qt[d * kLanes + m] = q[offset + d] * scale;
-        dos[m * d_size + d] = dot[d * kLanes + m] = dout;
+        q_rows[m * d_size + d] = q_t[d * kLanes + m] = q[offset + d] * scale;
+        d_out_rows[m * d_size + d] = d_out_t[d * kLanes + m] = dout;
         dot_out += dout * out[offset + d];
       }
       delta[m] = dot_out;  // sum_s P[s] dP[s] = dO . out, since out = P v
@@ -125,11 +125,11 @@ struct GradWork : AttentionInputs {
       }
       Vec score[kLanes] = {}, d_prob[kLanes] = {};
       for (int64_t d = 0; d < d_size; ++d) {
-        const Vec qv = Load(qt.data() + d * kLanes);
+        const Vec qv = Load(q_t.data() + d * kLanes);
         for (int64_t j = 0; j < kLanes; ++j) score[j] += key[j][d] * qv;
       }
       for (int64_t d = 0; d < d_size; ++d) {
-        const Vec dov = Load(dot.data() + d * kLanes);
+        const Vec dov = Load(d_out_t.data() + d * kLanes);
         for (int64_t j = 0; j < kLanes; ++j) d_prob[j] += value[j][d] * dov;
       }
       const bool all_visible = AllVisible(mask_row, s0, visible_end);
@@ -155,8 +155,8 @@ struct GradWork : AttentionInputs {
       for (int64_t m = 0; m < rows; ++m) Store(dq_row[m] + d0, acc[m] * scale);
     }
     // dv[s] += sum_m P[s, m] dO[m] and dk[s] += sum_m dS[s, m] q[m] / sqrt(D).
-    AddRowSums<kFeatures>(probs.data(), dos.data(), visible_end, dv_sum);
-    AddRowSums<kFeatures>(d_scores.data(), qs.data(), visible_end, dk_sum);
+    AddRowSums<kFeatures>(probs.data(), d_out_rows.data(), visible_end, dv_sum);
+    AddRowSums<kFeatures>(d_scores.data(), q_rows.data(), visible_end, dk_sum);
   }
 };
 

@@ -121,7 +121,12 @@ def _mask_rows(mask: Array) -> Array:
 
 
 def _training_attention_forward(q, k, v, mask):
-  b, t, h, _ = q.shape
+  b, t, h, d = q.shape
+  if not (k.ndim == 4 and k.shape == v.shape and k.shape[:2] == (b, t) and k.shape[3] == d and h % k.shape[2] == 0
+          and d % 8 == 0 and mask.shape == (b, 1, t, t)):
+    raise ValueError(f"cpu_kernels.training_attention: expected q [B, T, H, D], k and v [B, T, Kh, D] with H a "
+                     f"multiple of Kh and D of 8, mask [B, 1, T, T]; got q {q.shape}, k {k.shape}, v {v.shape}, "
+                     f"mask {mask.shape}")
   keys, values = (jnp.swapaxes(x, 1, 2).astype(jnp.float32) for x in (k, v))
   out, lse = jax.ffi.ffi_call(ATTENTION_STATS, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                                 jax.ShapeDtypeStruct((b, h, t), jnp.float32)))(
