@@ -3,10 +3,11 @@
 //
 // Why (bench/README.md, session 16): XLA:CPU runs the cache attention as many small batched products with the
 // mask, max, exp and sum between them as separate passes, at about a quarter of the machine's matmul rate, and a
-// prompt's attention computes scores for every slot of a 64-query block. Here one pass per tile of 8 query rows
+// prompt's attention computes scores for every slot of a 64-query block. Here one pass per tile of 16 query rows
 // computes the scores of the slots up to its last visible one, the softmax and the value product, with the tile's
-// 8 rows in the 8 lanes of a vector; a tile of at most 4 rows (a decode step's G query heads) takes each row's
-// scores as dot products over the features instead (`FewRowsAttention`). Tiles are shared out over the threads.
+// rows in the lanes of two vectors and both products in [6 x 16] register blocks (`MultiplyBlock`, session 19); a
+// tile of at most 4 rows (a decode step's G query heads) takes each row's scores as dot products over the
+// features instead (`FewRowsAttention`). Tiles are shared out over the threads.
 //
 // For training, the same pass also writes each row's softmax log-normaliser (`CachedAttentionWithStats`), which
 // the backward pass (cpu_attention_grad.cc) takes instead of recomputing the forward.
@@ -23,7 +24,7 @@ namespace {
 using namespace rankrag_attention;
 
 // A tile of R <= 4 rows (a decode step's G query heads of a kv head, G <= 4: SmolLM2, Llama-3-8B), D features:
-// with 8 lanes per row, 5 of 8 lanes would compute nothing, so here each row's score is a dot product over the
+// in a tile's 16 lanes, 12 or more would compute nothing, so here each row's score is a dot product over the
 // features, and the value product holds R x W vectors of features. Reads the same keys and values, ~2x fewer
 // instructions.
 template <int64_t D, int R>
@@ -92,27 +93,117 @@ void FewRowsAttention(const float* const q_row[], float* const out_row[], float*
   }
 }
 
+// Slots per block of scores: J of MultiplyBlock (6 slots x a tile's 16 rows).
+constexpr int64_t kSlotBlock = 6;
+
+// A tile of up to 16 rows (two vectors of 8 lanes) over the window's `visible_end` slots: scores in [6 x 16]
+// blocks, softmax, value product in [6 features x 16 rows] blocks. Lanes past `rows` repeat the last row.
+template <int64_t kFeatures>
+void TileAttention(const float* const q_row[], float* const out_row[], float* const lse_row[],
+                   const bool* const mask_row[], int64_t rows, int64_t visible_end, const float* keys,
+                   const float* values, int64_t d_size_in) {
+  const int64_t d_size = kFeatures ? kFeatures : d_size_in;
+  const int64_t slots = (visible_end + kSlotBlock - 1) / kSlotBlock * kSlotBlock;
+  thread_local std::vector<float> qt, scores, tail, out_t;
+  thread_local std::vector<uint8_t> seen;
+  qt.resize(d_size * kTileRows);  // [D, 16]: the rows' queries, transposed, scaled by 1 / sqrt(D)
+  scores.resize(slots * kTileRows);  // [S, 16]: the scores, then the softmax's numerators
+  tail.assign(kSlotBlock * d_size, 0.0f);  // the last block's keys, zero past visible_end
+  out_t.resize(d_size * kTileRows);  // [D, 16]: the rows' outputs, transposed
+  seen.resize(slots + kLanes);  // 1 where all rows see the slot
+  SeenByAll(mask_row, kTileRows, visible_end, slots + kLanes, seen.data());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d_size));
+  for (int64_t m = 0; m < kTileRows; ++m) {
+    for (int64_t d = 0; d < d_size; ++d) qt[d * kTileRows + m] = q_row[m][d] * scale;
+  }
+  Vec max0 = Vec{} - INFINITY, max1 = max0;
+  for (int64_t s0 = 0; s0 < slots; s0 += kSlotBlock) {
+    const int64_t count = std::min(kSlotBlock, visible_end - s0);
+    const float* block = keys + s0 * d_size;
+    if (count < kSlotBlock) {
+      std::copy(block, block + count * d_size, tail.data());
+      block = tail.data();
+    }
+    Vec c0[kSlotBlock], c1[kSlotBlock];
+    MultiplyBlock<kSlotBlock>(block, d_size, 1, qt.data(), kTileRows, d_size, c0, c1);
+    float* out = scores.data() + s0 * kTileRows;
+    for (int64_t j = 0; j < kSlotBlock; ++j) {
+      Store(out + j * kTileRows, c0[j]);
+      Store(out + j * kTileRows + kLanes, c1[j]);
+    }
+    if (!AllSeen<kSlotBlock>(seen.data(), s0)) {
+      for (int64_t j = 0; j < kSlotBlock; ++j) {
+        for (int64_t m = 0; m < kTileRows; ++m) {
+          if (j >= count || !mask_row[m][s0 + j]) out[j * kTileRows + m] = -INFINITY;
+        }
+      }
+    }
+    for (int64_t j = 0; j < kSlotBlock; ++j) {
+      const Vec a = Load(out + j * kTileRows), b = Load(out + j * kTileRows + kLanes);
+      max0 = a > max0 ? a : max0;
+      max1 = b > max1 ? b : max1;
+    }
+  }
+  max0 = max0 == -INFINITY ? Vec{} : max0;  // a row that sees nothing: numerators 0
+  max1 = max1 == -INFINITY ? Vec{} : max1;
+  Vec total0 = {}, total1 = {};
+  for (int64_t s = 0; s < slots; ++s) {
+    float* row = scores.data() + s * kTileRows;
+    const Vec e0 = Exp(Load(row) - max0), e1 = Exp(Load(row + kLanes) - max1);
+    total0 += e0;
+    total1 += e1;
+    Store(row, e0);
+    Store(row + kLanes, e1);
+  }
+  // Values, 6 features at a time (then 2 at a time: D is a multiple of 8): out_t[d] holds feature d of the 16
+  // rows.
+  int64_t d0 = 0;
+  for (; d0 + kSlotBlock <= d_size; d0 += kSlotBlock) {
+    Vec c0[kSlotBlock], c1[kSlotBlock];
+    MultiplyBlock<kSlotBlock>(values + d0, 1, d_size, scores.data(), kTileRows, visible_end, c0, c1);
+    for (int64_t j = 0; j < kSlotBlock; ++j) {
+      Store(out_t.data() + (d0 + j) * kTileRows, c0[j]);
+      Store(out_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
+    }
+  }
+  for (; d0 < d_size; d0 += 2) {
+    Vec c0[2], c1[2];
+    MultiplyBlock<2>(values + d0, 1, d_size, scores.data(), kTileRows, visible_end, c0, c1);
+    for (int64_t j = 0; j < 2; ++j) {
+      Store(out_t.data() + (d0 + j) * kTileRows, c0[j]);
+      Store(out_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m) {
+    const float total = m < kLanes ? total0[m] : total1[m - kLanes];
+    const float max = m < kLanes ? max0[m] : max1[m - kLanes];
+    const float inverse = total > 0 ? 1.0f / total : 0.0f;
+    for (int64_t d = 0; d < d_size; ++d) out_row[m][d] = out_t[d * kTileRows + m] * inverse;
+    if (lse_row) *lse_row[m] = total > 0 ? max + std::log(total) : 0.0f;
+  }
+}
+
 struct Work : AttentionInputs {
   float* out;
   float* lse = nullptr;  // [B, H, T] or none: log sum_s exp(score[s]) per query row
   std::atomic<int64_t> next{0}, done{0};
 
-  // Item `tile` (RunItems): up to 8 consecutive rows r of kv head c's G * T query rows (r = g * T + t: query head
-  // c * G + g at position t), so a decode step's G heads share a tile and a prompt's tiles are 8 positions of one
-  // head.
+  // Item `tile` (RunItems): up to 16 consecutive rows r of kv head c's G * T query rows (r = g * T + t: query
+  // head c * G + g at position t), so a decode step's G heads share a tile and a prompt's tiles are 16 positions
+  // of one head.
   template <int64_t kFeatures>
   void Item(int64_t tile) {
     const int64_t d_size = kFeatures ? kFeatures : this->d_size;
     const int64_t b = tile / (kv_heads * tiles_per_kv_head);
     const int64_t c = tile / tiles_per_kv_head % kv_heads;
-    const int64_t r0 = tile % tiles_per_kv_head * kLanes;
-    const int64_t rows = std::min(kLanes, group * t_size - r0);
-    const float* q_row[kLanes];
-    float* out_row[kLanes];
-    float* lse_row[kLanes];
-    const bool* mask_row[kLanes];
+    const int64_t r0 = tile % tiles_per_kv_head * kTileRows;
+    const int64_t rows = std::min(kTileRows, group * t_size - r0);
+    const float* q_row[kTileRows];
+    float* out_row[kTileRows];
+    float* lse_row[kTileRows];
+    const bool* mask_row[kTileRows];
     int64_t visible_end = 0;  // past the last slot any of the tile's rows sees
-    for (int64_t m = 0; m < kLanes; ++m) {
+    for (int64_t m = 0; m < kTileRows; ++m) {
       // Lanes past `rows` repeat the last row (never written out): no lane needs a special case below.
       const int64_t g = (r0 + std::min(m, rows - 1)) / t_size, t = (r0 + std::min(m, rows - 1)) % t_size;
       const int64_t offset = ((b * t_size + t) * heads + c * group + g) * d_size;
@@ -120,7 +211,7 @@ struct Work : AttentionInputs {
       out_row[m] = out + offset;
       lse_row[m] = lse ? lse + (b * heads + c * group + g) * t_size + t : nullptr;
       mask_row[m] = mask + (b * t_size + t) * s_size;
-      visible_end = VisibleEnd(mask_row[m], s_size, visible_end);
+      if (m < rows) visible_end = VisibleEnd(mask_row[m], s_size, visible_end);
     }
     if (visible_end == 0) {  // padding rows see nothing: zeros (XLA's softmax would average every slot).
       for (int64_t m = 0; m < rows; ++m) {
@@ -131,8 +222,8 @@ struct Work : AttentionInputs {
     }
     // From here on the tile sees the window [begin, visible_end) of the slots: the slots before the first one any
     // row sees (the earlier examples of a packed training row) are skipped.
-    const int64_t begin = WindowBegin(mask_row, visible_end);
-    for (int64_t m = 0; m < kLanes; ++m) mask_row[m] += begin;
+    const int64_t begin = WindowBegin(mask_row, rows, visible_end);
+    for (int64_t m = 0; m < kTileRows; ++m) mask_row[m] += begin;
     visible_end -= begin;
     const float* keys = k + ((b * kv_heads + c) * s_size + begin) * d_size;
     const float* values = v + ((b * kv_heads + c) * s_size + begin) * d_size;
@@ -145,66 +236,7 @@ struct Work : AttentionInputs {
         case 4: return FewRowsAttention<kFeatures, 4>(q_row, out_row, stats, mask_row, visible_end, keys, values);
       }
     }
-    const int64_t blocks = (visible_end + kLanes - 1) / kLanes;
-    thread_local std::vector<float> qt, scores, zeros;
-    qt.resize(d_size * kLanes);  // the rows' queries transposed, [D, 8], scaled by 1 / sqrt(D)
-    scores.resize(blocks * kLanes * kLanes);  // [S, 8]: then the softmax's numerators
-    zeros.assign(d_size, 0.0f);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(d_size));
-    for (int64_t m = 0; m < kLanes; ++m) {
-      for (int64_t d = 0; d < d_size; ++d) qt[d * kLanes + m] = q_row[m][d] * scale;
-    }
-    // Scores, 8 slots at a time: acc[j] holds slot s0 + j's score for the 8 rows.
-    Vec row_max = Vec{} - INFINITY;
-    for (int64_t s0 = 0; s0 < visible_end; s0 += kLanes) {
-      const float* key[kLanes];
-      for (int64_t j = 0; j < kLanes; ++j) key[j] = s0 + j < visible_end ? keys + (s0 + j) * d_size : zeros.data();
-      // The next block's keys, ahead of use: 8 interleaved row streams outrun the hardware prefetcher (decode
-      // attention 1.3x faster).
-      for (int64_t j = 0; j < kLanes && s0 + kLanes + j < visible_end; ++j) {
-        for (int64_t d = 0; d < d_size; d += 16) __builtin_prefetch(keys + (s0 + kLanes + j) * d_size + d);
-      }
-      Vec acc[kLanes] = {};
-      for (int64_t d = 0; d < d_size; ++d) {
-        const Vec qv = Load(qt.data() + d * kLanes);
-        for (int64_t j = 0; j < kLanes; ++j) acc[j] += key[j][d] * qv;
-      }
-      for (int64_t j = 0; j < kLanes; ++j) Store(scores.data() + (s0 + j) * kLanes, acc[j]);
-      if (!AllVisible(mask_row, s0, visible_end)) {
-        for (int64_t j = 0; j < kLanes; ++j) {
-          for (int64_t m = 0; m < kLanes; ++m) {
-            if (s0 + j >= visible_end || !mask_row[m][s0 + j]) scores[(s0 + j) * kLanes + m] = -INFINITY;
-          }
-        }
-      }
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const Vec score = Load(scores.data() + (s0 + j) * kLanes);
-        row_max = score > row_max ? score : row_max;
-      }
-    }
-    row_max = row_max == -INFINITY ? Vec{} : row_max;  // a row that sees nothing: numerators 0
-    Vec total = {};
-    for (int64_t s = 0; s < blocks * kLanes; ++s) {
-      const Vec e = Exp(Load(scores.data() + s * kLanes) - row_max);
-      total += e;
-      Store(scores.data() + s * kLanes, e);
-    }
-    Vec inverse;
-    for (int64_t m = 0; m < kLanes; ++m) inverse[m] = total[m] > 0 ? 1.0f / total[m] : 0.0f;
-    for (int64_t m = 0; m < rows && lse; ++m) *lse_row[m] = total[m] > 0 ? row_max[m] + std::log(total[m]) : 0.0f;
-    // Values, 8 features at a time: acc[m] holds row m's output features [d0, d0 + 8).
-    for (int64_t d0 = 0; d0 < d_size; d0 += kLanes) {
-      Vec acc[kLanes] = {};
-      for (int64_t s = 0; s < visible_end; ++s) {
-        if (d0 == 0) {  // the first pass reads each value row from memory: whole rows, 8 ahead.
-          for (int64_t d = 0; d < d_size; d += 16) __builtin_prefetch(values + (s + kLanes) * d_size + d);
-        }
-        const Vec vv = Load(values + s * d_size + d0);
-        const float* p = scores.data() + s * kLanes;
-        for (int64_t m = 0; m < kLanes; ++m) acc[m] += p[m] * vv;
-      }
-      for (int64_t m = 0; m < rows; ++m) Store(out_row[m] + d0, acc[m] * inverse[m]);
-    }
+    TileAttention<kFeatures>(q_row, out_row, stats, mask_row, rows, visible_end, keys, values, d_size);
   }
 };
 

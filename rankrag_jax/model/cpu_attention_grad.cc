@@ -5,8 +5,8 @@
 //
 // Why (bench/README.md, session 18): XLA:CPU runs training attention's small batched products on one core at
 // ~40% of the machine's matmul rate, with the mask, exp and softmax gradient as separate passes over [64, S]
-// blocks. Here, as in the forward kernel, one tile of 8 query rows (8 positions of one query head) sits in the 8
-// lanes of a vector: the tile recomputes its probabilities P = exp(q.k / sqrt(D) - lse) over the slots up to its
+// blocks. Here, as in the forward kernel, one tile of 16 query rows (16 positions of one query head) sits in the
+// lanes of two vectors, every product in [6 x 16] register blocks (`MultiplyBlock`): the tile recomputes its probabilities P = exp(q.k / sqrt(D) - lse) over the slots up to its
 // last visible one, the score gradients dS = P (dO.v - dO.out), and adds its share to dq (its own rows), dk and
 // dv. Work item (b, kv head, part p) takes every P-th tile of that kv head's G x T rows, so its dk and dv sums
 // are its own (no two threads add into the same rows) and the causal work is spread evenly over the parts.
@@ -21,6 +21,9 @@ namespace ffi = xla::ffi;
 namespace {
 
 using namespace rankrag_attention;
+
+// Slots per block of scores (J of MultiplyBlock), as in the forward pass.
+constexpr int64_t kSlotBlock = 6;
 
 struct GradWork : AttentionInputs {
   const float *out, *d_out, *lse;
@@ -39,120 +42,143 @@ struct GradWork : AttentionInputs {
     std::fill(dk_sum, dk_sum + s_size * d_size, 0.0f);
     std::fill(dv_sum, dv_sum + s_size * d_size, 0.0f);
     for (int64_t tile = p; tile < tiles_per_kv_head; tile += parts) {
-      Tile<kFeatures>(b, c, tile * kLanes, k + kv_offset, v + kv_offset, dk_sum, dv_sum);
+      Tile<kFeatures>(b, c, tile * kTileRows, k + kv_offset, v + kv_offset, dk_sum, dv_sum);
     }
   }
 
-  // sums[s] += sum_m weights[s, m] rows[m] for s < slots: weights [slots, 8], rows [8, D], sums [slots, D]. Eight
-  // features at a time, the 8 rows' features held in registers; two slots at a time (independent chains).
+  // sums[s] += sum_m weights[s, m] rows[m] for s < slots: weights [slots (rounded up to 6), 16], rows [16, D]
+  // (8 floats of padding after them), sums [slots, D]; [6 slots x 16 features] blocks.
   template <int64_t kFeatures>
   void AddRowSums(const float* weights, const float* rows, int64_t slots, float* sums) {
     const int64_t d_size = kFeatures ? kFeatures : this->d_size;
-    for (int64_t d0 = 0; d0 < d_size; d0 += kLanes) {
-      Vec row[kLanes];
-      for (int64_t m = 0; m < kLanes; ++m) row[m] = Load(rows + m * d_size + d0);
-      int64_t s = 0;
-      for (; s + 1 < slots; s += 2) {
-        const float *w0 = weights + s * kLanes, *w1 = w0 + kLanes;
-        Vec a = Load(sums + s * d_size + d0), b = Load(sums + (s + 1) * d_size + d0);
-        for (int64_t m = 0; m < kLanes; ++m) {
-          a += w0[m] * row[m];
-          b += w1[m] * row[m];
+    for (int64_t s0 = 0; s0 < slots; s0 += kSlotBlock) {
+      const int64_t count = std::min(kSlotBlock, slots - s0);
+      for (int64_t d0 = 0; d0 < d_size; d0 += 2 * kLanes) {
+        Vec c0[kSlotBlock], c1[kSlotBlock];
+        const bool two = d0 + kLanes < d_size;  // else D % 16 == 8: one vector of features left
+        MultiplyBlock<kSlotBlock>(weights + s0 * kTileRows, kTileRows, 1, rows + d0, d_size, kTileRows, c0, c1);
+        for (int64_t j = 0; j < count; ++j) {
+          float* sum = sums + (s0 + j) * d_size + d0;
+          Store(sum, Load(sum) + c0[j]);
+          if (two) Store(sum + kLanes, Load(sum + kLanes) + c1[j]);
         }
-        Store(sums + s * d_size + d0, a);
-        Store(sums + (s + 1) * d_size + d0, b);
-      }
-      if (s < slots) {
-        Vec a = Load(sums + s * d_size + d0);
-        for (int64_t m = 0; m < kLanes; ++m) a += weights[s * kLanes + m] * row[m];
-        Store(sums + s * d_size + d0, a);
       }
     }
   }
 
-  // Rows r0 .. r0 + 7 of kv head c's G x T query rows (r = g * T + t: query head c * G + g at position t).
+  // Rows r0 .. r0 + 15 of kv head c's G x T query rows (r = g * T + t: query head c * G + g at position t).
   template <int64_t kFeatures>
   void Tile(int64_t b, int64_t c, int64_t r0, const float* keys, const float* values, float* dk_sum,
             float* dv_sum) {
     const int64_t d_size = kFeatures ? kFeatures : this->d_size;
-    const int64_t rows = std::min(kLanes, group * t_size - r0);
-    const bool* mask_row[kLanes];
-    float* dq_row[kLanes];
-    thread_local std::vector<float> q_rows, q_t, d_out_rows, d_out_t, probs, d_scores, zeros;
-    q_rows.resize(kLanes * d_size);  // [8, D] the rows' queries scaled by 1 / sqrt(D), for dk
-    q_t.resize(d_size * kLanes);  // [D, 8] the same, transposed, for the scores
-    d_out_rows.resize(kLanes * d_size);  // [8, D] the rows' d_out, for dv
-    d_out_t.resize(d_size * kLanes);  // [D, 8] the same, transposed, for dP = dO . v
-    zeros.assign(d_size, 0.0f);
+    const int64_t rows = std::min(kTileRows, group * t_size - r0);
+    const bool* mask_row[kTileRows];
+    float* dq_row[kTileRows];
+    thread_local std::vector<float> q_rows, q_t, d_out_rows, d_out_t, probs, d_scores, tail_keys, tail_values, dq_t;
+    thread_local std::vector<uint8_t> seen;
+    q_rows.resize(kTileRows * d_size + kLanes);  // [16, D] the rows' queries scaled by 1 / sqrt(D), for dk
+    q_t.resize(d_size * kTileRows);  // [D, 16] the same, transposed, for the scores
+    d_out_rows.resize(kTileRows * d_size + kLanes);  // [16, D] the rows' d_out, for dv
+    d_out_t.resize(d_size * kTileRows);  // [D, 16] the same, transposed, for dP = dO . v
+    dq_t.resize(d_size * kTileRows);  // [D, 16] dq, transposed
     const float scale = 1.0f / std::sqrt(static_cast<float>(d_size));
-    Vec lse_rows = {}, delta = {};
+    float lse_rows[kTileRows], delta[kTileRows];
     int64_t visible_end = 0;  // past the last slot any of the tile's rows sees
-    for (int64_t m = 0; m < kLanes; ++m) {
+    for (int64_t m = 0; m < kTileRows; ++m) {
       // Lanes past `rows` repeat the last row's queries and mask with d_out = 0: they add nothing to dk or dv.
       const int64_t r = r0 + std::min(m, rows - 1), g = r / t_size, t = r % t_size;
       const int64_t offset = ((b * t_size + t) * heads + c * group + g) * d_size;
       mask_row[m] = mask + (b * t_size + t) * s_size;
       dq_row[m] = dq + offset;
       lse_rows[m] = lse[(b * heads + c * group + g) * t_size + t];
-      float dot_out = 0.0f;
-      for (int64_t d = 0; d < d_size; ++d) {
-        const float dout = m < rows ? d_out[offset + d] : 0.0f;
-        q_rows[m * d_size + d] = q_t[d * kLanes + m] = q[offset + d] * scale;
-        d_out_rows[m * d_size + d] = d_out_t[d * kLanes + m] = dout;
-        dot_out += dout * out[offset + d];
+      Vec dot_out = {};
+      for (int64_t d = 0; d < d_size; d += kLanes) {
+        const Vec dout = m < rows ? Load(d_out + offset + d) : Vec{};
+        Store(q_rows.data() + m * d_size + d, Load(q + offset + d) * scale);
+        Store(d_out_rows.data() + m * d_size + d, dout);
+        dot_out += dout * Load(out + offset + d);
       }
-      delta[m] = dot_out;  // sum_s P[s] dP[s] = dO . out, since out = P v
+      delta[m] = Sum(dot_out);  // sum_s P[s] dP[s] = dO . out, since out = P v
       visible_end = VisibleEnd(mask_row[m], s_size, visible_end);
+    }
+    for (int64_t d = 0; d < d_size; ++d) {
+      for (int64_t m = 0; m < kTileRows; ++m) {
+        q_t[d * kTileRows + m] = q_rows[m * d_size + d];
+        d_out_t[d * kTileRows + m] = d_out_rows[m * d_size + d];
+      }
     }
     // The window [begin, visible_end) of the slots, as in the forward pass: the earlier examples of a packed row
     // are skipped.
-    const int64_t begin = WindowBegin(mask_row, visible_end);
-    for (int64_t m = 0; m < kLanes; ++m) mask_row[m] += begin;
+    const int64_t begin = WindowBegin(mask_row, kTileRows, visible_end);
+    for (int64_t m = 0; m < kTileRows; ++m) mask_row[m] += begin;
     visible_end -= begin;
     keys += begin * d_size;
     values += begin * d_size;
     dk_sum += begin * d_size;
     dv_sum += begin * d_size;
-    const int64_t blocks = (visible_end + kLanes - 1) / kLanes;
-    probs.assign(blocks * kLanes * kLanes, 0.0f);  // [S, 8]
-    d_scores.assign(blocks * kLanes * kLanes, 0.0f);  // [S, 8], dS without the 1 / sqrt(D)
-    for (int64_t s0 = 0; s0 < visible_end; s0 += kLanes) {
-      const float *key[kLanes], *value[kLanes];
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const bool in = s0 + j < visible_end;
-        key[j] = in ? keys + (s0 + j) * d_size : zeros.data();
-        value[j] = in ? values + (s0 + j) * d_size : zeros.data();
+    const int64_t slots = (visible_end + kSlotBlock - 1) / kSlotBlock * kSlotBlock;
+    probs.resize(slots * kTileRows);  // [S, 16]
+    d_scores.resize(slots * kTileRows);  // [S, 16], dS without the 1 / sqrt(D)
+    tail_keys.assign(kSlotBlock * d_size, 0.0f);  // the last block's keys and values, zero past visible_end
+    tail_values.assign(kSlotBlock * d_size, 0.0f);
+    seen.resize(slots + kLanes);  // 1 where all rows see the slot
+    SeenByAll(mask_row, kTileRows, visible_end, slots + kLanes, seen.data());
+    Vec lse0, lse1, delta0, delta1;
+    std::memcpy(&lse0, lse_rows, sizeof(Vec));
+    std::memcpy(&lse1, lse_rows + kLanes, sizeof(Vec));
+    std::memcpy(&delta0, delta, sizeof(Vec));
+    std::memcpy(&delta1, delta + kLanes, sizeof(Vec));
+    for (int64_t s0 = 0; s0 < slots; s0 += kSlotBlock) {
+      const int64_t count = std::min(kSlotBlock, visible_end - s0);
+      const float *key = keys + s0 * d_size, *value = values + s0 * d_size;
+      if (count < kSlotBlock) {
+        std::copy(key, key + count * d_size, tail_keys.data());
+        std::copy(value, value + count * d_size, tail_values.data());
+        key = tail_keys.data();
+        value = tail_values.data();
       }
-      Vec score[kLanes] = {}, d_prob[kLanes] = {};
-      for (int64_t d = 0; d < d_size; ++d) {
-        const Vec qv = Load(q_t.data() + d * kLanes);
-        for (int64_t j = 0; j < kLanes; ++j) score[j] += key[j][d] * qv;
+      Vec score0[kSlotBlock], score1[kSlotBlock], d_prob0[kSlotBlock], d_prob1[kSlotBlock];
+      MultiplyBlock<kSlotBlock>(key, d_size, 1, q_t.data(), kTileRows, d_size, score0, score1);
+      MultiplyBlock<kSlotBlock>(value, d_size, 1, d_out_t.data(), kTileRows, d_size, d_prob0, d_prob1);
+      float* prob = probs.data() + s0 * kTileRows;
+      float* d_score = d_scores.data() + s0 * kTileRows;
+      for (int64_t j = 0; j < kSlotBlock; ++j) {
+        const Vec p0 = Exp(score0[j] - lse0), p1 = Exp(score1[j] - lse1);
+        Store(prob + j * kTileRows, p0);
+        Store(prob + j * kTileRows + kLanes, p1);
       }
-      for (int64_t d = 0; d < d_size; ++d) {
-        const Vec dov = Load(d_out_t.data() + d * kLanes);
-        for (int64_t j = 0; j < kLanes; ++j) d_prob[j] += value[j][d] * dov;
-      }
-      const bool all_visible = AllVisible(mask_row, s0, visible_end);
-      for (int64_t j = 0; j < kLanes; ++j) {
-        Vec prob = Exp(score[j] - lse_rows);
-        if (!all_visible) {
-          for (int64_t m = 0; m < kLanes; ++m) {
-            if (s0 + j >= visible_end || !mask_row[m][s0 + j]) prob[m] = 0.0f;
+      if (!AllSeen<kSlotBlock>(seen.data(), s0)) {
+        for (int64_t j = 0; j < kSlotBlock; ++j) {
+          for (int64_t m = 0; m < kTileRows; ++m) {
+            if (j >= count || !mask_row[m][s0 + j]) prob[j * kTileRows + m] = 0.0f;
           }
         }
-        Store(probs.data() + (s0 + j) * kLanes, prob);
-        Store(d_scores.data() + (s0 + j) * kLanes, prob * (d_prob[j] - delta));
+      }
+      for (int64_t j = 0; j < kSlotBlock; ++j) {
+        Store(d_score + j * kTileRows, Load(prob + j * kTileRows) * (d_prob0[j] - delta0));
+        Store(d_score + j * kTileRows + kLanes, Load(prob + j * kTileRows + kLanes) * (d_prob1[j] - delta1));
       }
     }
-    // dq[m] = sum_s dS[s, m] k[s] / sqrt(D), 8 features at a time.
-    for (int64_t d0 = 0; d0 < d_size; d0 += kLanes) {
-      Vec acc[kLanes] = {};
-      for (int64_t s = 0; s < visible_end; ++s) {
-        const Vec kv = Load(keys + s * d_size + d0);
-        const float* ds = d_scores.data() + s * kLanes;
-        for (int64_t m = 0; m < kLanes; ++m) acc[m] += ds[m] * kv;
+    // dq[m] = sum_s dS[s, m] k[s] / sqrt(D): [6 features x 16 rows] blocks, then 2 features at a time.
+    int64_t d0 = 0;
+    for (; d0 + kSlotBlock <= d_size; d0 += kSlotBlock) {
+      Vec c0[kSlotBlock], c1[kSlotBlock];
+      MultiplyBlock<kSlotBlock>(keys + d0, 1, d_size, d_scores.data(), kTileRows, visible_end, c0, c1);
+      for (int64_t j = 0; j < kSlotBlock; ++j) {
+        Store(dq_t.data() + (d0 + j) * kTileRows, c0[j]);
+        Store(dq_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
       }
-      for (int64_t m = 0; m < rows; ++m) Store(dq_row[m] + d0, acc[m] * scale);
+    }
+    for (; d0 < d_size; d0 += 2) {
+      Vec c0[2], c1[2];
+      MultiplyBlock<2>(keys + d0, 1, d_size, d_scores.data(), kTileRows, visible_end, c0, c1);
+      for (int64_t j = 0; j < 2; ++j) {
+        Store(dq_t.data() + (d0 + j) * kTileRows, c0[j]);
+        Store(dq_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t d = 0; d < d_size; ++d) dq_row[m][d] = dq_t[d * kTileRows + m] * scale;
     }
     // dv[s] += sum_m P[s, m] dO[m] and dk[s] += sum_m dS[s, m] q[m] / sqrt(D).
     AddRowSums<kFeatures>(probs.data(), d_out_rows.data(), visible_end, dv_sum);
