@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rankrag_jax.model import cpu_kernels, llama, ops, row_matmul
+from rankrag_jax.model import cpu_kernels, llama, ops, row_matmul, token_layout
 
 
 def dense_dimension_numbers(lead_ndim: int, in_ndim: int):
@@ -105,8 +105,9 @@ def packed_rows(batch, length, seed):
 
 @pytest.mark.parametrize("batch, length, heads, kv_heads, head_dim", [
     (4, 96, 9, 3, 64),  # SmolLM2's heads: 3 query heads per kv head
-    (1, 70, 8, 2, 128),  # Llama-3's head size and group (4 query heads per kv head); one row; T % 8 != 0
-    (3, 21, 4, 4, 8),  # no grouping (MHA); tiles of 8 rows straddle two query heads
+    (1, 70, 8, 2, 128),  # Llama-3's head size and group (4 query heads per kv head); one row; tiles of 16 rows
+    # straddle two query heads (T % 16 != 0)
+    (3, 21, 4, 4, 8),  # no grouping (MHA); a head size of one vector (D % 16 == 8)
 ])
 def test_training_attention_and_its_gradients_equal_xla(batch, length, heads, kv_heads, head_dim):
   assert cpu_kernels.available()
@@ -132,6 +133,54 @@ def test_training_attention_and_its_gradients_equal_xla(batch, length, heads, kv
   for name, a, b in zip("qkv", got_grads, want_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")
   assert float(jnp.max(jnp.abs(got_grads[0]))) > 0.1  # the comparison is not between zeros
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_flat_compact_index_finds_each_row_slot_among_the_compact_tokens(shards):
+  segments = packed_rows(4, 23, seed=shards)
+  num_tokens = token_layout.tokens_needed(np.asarray(segments), shards) + 3  # 3 unused compact tokens per shard
+  layout = token_layout.make_layout(segments, shards, num_tokens)
+  rows = jax.random.normal(jax.random.key(0), (4, 23, 5))
+  compact = token_layout.to_compact(rows, layout).reshape(shards * num_tokens, 5)
+  index = np.asarray(token_layout.flat_compact_index(layout))
+  real = np.asarray(segments) > 0
+  np.testing.assert_array_equal(np.asarray(compact)[index[real]], np.asarray(rows)[real])
+  np.testing.assert_array_equal(index[~real], shards * num_tokens)
+
+
+def test_kernels_read_and_write_compact_query_tokens_as_the_rows():
+  """Through q_index the kernels take a token layout's compact queries: output, dq (compact) and dk, dv equal the
+  rows' own; the unused compact tokens get zeros."""
+  batch, length, heads, kv_heads, head_dim = 3, 37, 6, 2, 16
+  keys = jax.random.split(jax.random.key(1), 4)
+  segments = packed_rows(batch, length, seed=7)
+  layout = token_layout.make_layout(segments, 1, token_layout.tokens_needed(np.asarray(segments), 1) + 5)
+  q_index = token_layout.flat_compact_index(layout)
+  q = jax.random.normal(keys[0], (batch, length, heads, head_dim)) * (segments > 0)[:, :, None, None]
+  k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[1:3])
+  mask = llama.attention_mask(segments, segments)
+  weights = token_layout.to_compact(jax.random.normal(keys[3], q.shape), layout)
+  q_compact = token_layout.to_compact(q, layout)
+  unused = np.asarray(layout.compact_slots[0]) == batch * length
+
+  def loss(q, k, v, index, weights):
+    out = cpu_kernels.training_attention(q, k, v, mask, index)
+    return jnp.sum(out * weights), out
+
+  grad = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))
+  (dq_rows, dk_rows, dv_rows), out_rows = grad(q, k, v, None, token_layout.to_padded(weights, layout))
+  (dq, dk, dv), out = grad(q_compact, k, v, q_index, weights)
+  assert out.shape == q_compact.shape and unused.sum() == 5
+  np.testing.assert_allclose(out, token_layout.to_compact(out_rows, layout), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dq, token_layout.to_compact(dq_rows, layout), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dk, dk_rows, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dv, dv_rows, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out)[0, unused], 0)
+  np.testing.assert_array_equal(np.asarray(dq)[0, unused], 0)
+  assert float(jnp.max(jnp.abs(dq))) > 0.1
+  cache_k, cache_v = (jnp.swapaxes(x, 1, 2) for x in (k, v))
+  cached = cpu_kernels.cached_attention(q_compact, cache_k, cache_v, mask, q_index)
+  np.testing.assert_allclose(cached, out, rtol=1e-6, atol=1e-6)
 
 
 def test_training_attention_names_the_shapes_it_cannot_take():

@@ -202,13 +202,15 @@ struct Work : AttentionInputs {
     float* out_row[kTileRows];
     float* lse_row[kTileRows];
     const bool* mask_row[kTileRows];
+    std::vector<float> no_query;  // a padding position's query (zeros) and output, made only if one is in the tile
     int64_t visible_end = 0;  // past the last slot any of the tile's rows sees
     for (int64_t m = 0; m < kTileRows; ++m) {
       // Lanes past `rows` repeat the last row (never written out): no lane needs a special case below.
       const int64_t g = (r0 + std::min(m, rows - 1)) / t_size, t = (r0 + std::min(m, rows - 1)) % t_size;
-      const int64_t offset = ((b * t_size + t) * heads + c * group + g) * d_size;
-      q_row[m] = q + offset;
-      out_row[m] = out + offset;
+      const int64_t offset = QueryOffset(b, t, c * group + g);
+      if (offset < 0 && no_query.empty()) no_query.assign(2 * d_size, 0.0f);
+      q_row[m] = offset >= 0 ? q + offset : no_query.data();
+      out_row[m] = offset >= 0 ? out + offset : no_query.data() + d_size;
       lse_row[m] = lse ? lse + (b * heads + c * group + g) * t_size + t : nullptr;
       mask_row[m] = mask + (b * t_size + t) * s_size;
       if (m < rows) visible_end = VisibleEnd(mask_row[m], s_size, visible_end);
@@ -240,34 +242,39 @@ struct Work : AttentionInputs {
   }
 };
 
-ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                     ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& mask, float* out, float* lse) {
+ffi::Error Attention(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::S32>& q_index,
+                     ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& mask, float* out,
+                     float* lse) {
   auto work = std::make_shared<Work>();
-  if (!work->Set(q, k, v, mask)) {
+  if (!work->Set(q, q_index, k, v, mask)) {
     return ffi::Error::InvalidArgument(
-        "cpu_attention: expected q [B, T, H, D], k and v [B, Kh, S, D], mask [B, T, S], H % Kh == 0, D % 8 == 0");
+        "cpu_attention: expected q [N, H, D], q_index [B, T], k and v [B, Kh, S, D], mask [B, T, S], H % Kh == 0, "
+        "D % 8 == 0");
   }
   work->out = out;
   work->lse = lse;
+  work->ZeroUnmappedTokens(out);
   const int64_t tiles = work->batch * work->kv_heads * work->tiles_per_kv_head;
   RunOnPool(pool, work, tiles);
   return ffi::Error::Success();
 }
 
-ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out) {
-  return Attention(pool, q, k, v, mask, out->typed_data(), nullptr);
+ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_index,
+                           ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  return Attention(pool, q, q_index, k, v, mask, out->typed_data(), nullptr);
 }
 
-ffi::Error CachedAttentionWithStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+ffi::Error CachedAttentionWithStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_index,
+                                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
                                     ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   auto qd = q.dimensions();
+  auto id = q_index.dimensions();
   auto ld = lse->dimensions();
-  if (qd.size() != 4 || ld.size() != 3 || ld[0] != qd[0] || ld[1] != qd[2] || ld[2] != qd[1]) {
-    return ffi::Error::InvalidArgument("cpu_attention: expected q [B, T, H, D] and lse [B, H, T]");
+  if (qd.size() != 3 || id.size() != 2 || ld.size() != 3 || ld[0] != id[0] || ld[1] != qd[1] || ld[2] != id[1]) {
+    return ffi::Error::InvalidArgument("cpu_attention: expected q [N, H, D], q_index [B, T] and lse [B, H, T]");
   }
-  return Attention(pool, q, k, v, mask, out->typed_data(), lse->typed_data());
+  return Attention(pool, q, q_index, k, v, mask, out->typed_data(), lse->typed_data());
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -130,38 +131,69 @@ inline int64_t WindowBegin(const bool* const mask_row[], int64_t rows, int64_t v
   return begin;
 }
 
-// What every attention kernel reads: q [B, T, H, D], heads-major k and v [B, Kh, S, D], mask [B, T, S], with H a
-// multiple of Kh and D of 8; kv head c's G * T query rows r (r = g * T + t: query head c * G + g at position t)
-// make tiles_per_kv_head tiles of kTileRows.
+// What every attention kernel reads: q [N, H, D] (N query tokens), q_index [B, T] (row b's position t has query
+// token q_index[b, t]; an index outside [0, N) marks a padding position: no query, no output), heads-major k and v
+// [B, Kh, S, D], mask [B, T, S], with H a multiple of Kh and D of 8; kv head c's G * T query rows r (r = g * T +
+// t: query head c * G + g at position t) make tiles_per_kv_head tiles of kTileRows. With q_index[b, t] = b * T + t
+// the queries are the rows' own; with a token layout's map (`token_layout.TokenLayout.padded_slots`) they are the
+// compact real tokens, which the kernels read and write in place of the rows (no gathers around the call).
 struct AttentionInputs {
   const float *q, *k, *v;
+  const int32_t* q_index;
   const bool* mask;
-  int64_t batch, t_size, heads, kv_heads, group, s_size, d_size, tiles_per_kv_head;
+  int64_t q_tokens, batch, t_size, heads, kv_heads, group, s_size, d_size, tiles_per_kv_head;
 
   // Sets the fields and returns true if the shapes are as above, else returns false.
-  bool Set(xla::ffi::Buffer<xla::ffi::F32>& q_in, xla::ffi::Buffer<xla::ffi::F32>& k_in,
-           xla::ffi::Buffer<xla::ffi::F32>& v_in, xla::ffi::Buffer<xla::ffi::PRED>& mask_in) {
+  bool Set(xla::ffi::Buffer<xla::ffi::F32>& q_in, xla::ffi::Buffer<xla::ffi::S32>& q_index_in,
+           xla::ffi::Buffer<xla::ffi::F32>& k_in, xla::ffi::Buffer<xla::ffi::F32>& v_in,
+           xla::ffi::Buffer<xla::ffi::PRED>& mask_in) {
     auto qd = q_in.dimensions();
+    auto id = q_index_in.dimensions();
     auto kd = k_in.dimensions();
     auto md = mask_in.dimensions();
-    if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || kd[0] != qd[0] || kd[3] != qd[3] ||
-        qd[2] % kd[1] != 0 || qd[3] % kLanes != 0 || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[2] ||
-        v_in.dimensions().size() != 4 || !std::equal(kd.begin(), kd.end(), v_in.dimensions().begin())) {
+    if (qd.size() != 3 || id.size() != 2 || kd.size() != 4 || md.size() != 3 || kd[0] != id[0] ||
+        kd[3] != qd[2] || qd[1] % kd[1] != 0 || qd[2] % kLanes != 0 || md[0] != id[0] || md[1] != id[1] ||
+        md[2] != kd[2] || v_in.dimensions().size() != 4 ||
+        !std::equal(kd.begin(), kd.end(), v_in.dimensions().begin())) {
       return false;
     }
     q = q_in.typed_data();
+    q_index = q_index_in.typed_data();
     k = k_in.typed_data();
     v = v_in.typed_data();
     mask = mask_in.typed_data();
-    batch = qd[0];
-    t_size = qd[1];
-    heads = qd[2];
+    q_tokens = qd[0];
+    batch = id[0];
+    t_size = id[1];
+    heads = qd[1];
     kv_heads = kd[1];
     group = heads / kv_heads;
     s_size = kd[2];
-    d_size = qd[3];
+    d_size = qd[2];
     tiles_per_kv_head = (group * t_size + kTileRows - 1) / kTileRows;
     return true;
+  }
+
+  // Where query head h of row b's position t sits in q (and in every [N, H, D] array), or -1 at a padding position.
+  int64_t QueryOffset(int64_t b, int64_t t, int64_t h) const {
+    const int64_t token = q_index[b * t_size + t];
+    return token >= 0 && token < q_tokens ? (token * heads + h) * d_size : -1;
+  }
+
+  // Zeros the query tokens of an [N, H, D] output that no row position maps to (a token budget's unused ones).
+  // The valid entries of q_index are distinct (a layout's map is a bijection), so when there are N of them every
+  // token is mapped (the rows' own queries, a decode step): nothing to zero, nothing allocated.
+  void ZeroUnmappedTokens(float* out) const {
+    int64_t valid = 0;
+    for (int64_t i = 0; i < batch * t_size; ++i) valid += q_index[i] >= 0 && q_index[i] < q_tokens;
+    if (valid == q_tokens) return;
+    std::vector<bool> mapped(q_tokens, false);
+    for (int64_t i = 0; i < batch * t_size; ++i) {
+      if (q_index[i] >= 0 && q_index[i] < q_tokens) mapped[q_index[i]] = true;
+    }
+    for (int64_t n = 0; n < q_tokens; ++n) {
+      if (!mapped[n]) std::fill(out + n * heads * d_size, out + (n + 1) * heads * d_size, 0.0f);
+    }
   }
 };
 
@@ -190,12 +222,13 @@ void RunOnPool(xla::ffi::ThreadPool& pool, std::shared_ptr<Work> work, int64_t i
   while (work->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
-// The FFI binding every attention handler starts with: the thread pool, then q, k, v and the mask.
+// The FFI binding every attention handler starts with: the thread pool, then q, q_index, k, v and the mask.
 inline auto BindAttentionArgs() {
   namespace ffi = xla::ffi;
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::PRED>>();

@@ -1,7 +1,7 @@
 // The backward pass of cpu_attention.cc's attention for training, in f32 on XLA:CPU's intra-op thread pool: given
-// q [B, T, H, D], heads-major k, v [B, Kh, S, D], mask [B, T, S], the forward's out [B, T, H, D] and its rows'
-// log-normalisers lse [B, H, T], and d_out, it writes dq [B, T, H, D] and dk, dv [P, B, Kh, S, D] (P partial sums,
-// added up by the caller).
+// q [N, H, D] with q_index [B, T] (cpu_attention.h's AttentionInputs), heads-major k, v [B, Kh, S, D], mask
+// [B, T, S], the forward's out [N, H, D] and its rows' log-normalisers lse [B, H, T], and d_out, it writes dq
+// [N, H, D] and dk, dv [P, B, Kh, S, D] (P partial sums, added up by the caller).
 //
 // Why (bench/README.md, session 18): XLA:CPU runs training attention's small batched products on one core at
 // ~40% of the machine's matmul rate, with the mask, exp and softmax gradient as separate passes over [64, S]
@@ -84,19 +84,23 @@ struct GradWork : AttentionInputs {
     const float scale = 1.0f / std::sqrt(static_cast<float>(d_size));
     float lse_rows[kTileRows], delta[kTileRows];
     int64_t visible_end = 0;  // past the last slot any of the tile's rows sees
+    std::vector<float> discarded;  // a padding position's dq, made only if one is in the tile
     for (int64_t m = 0; m < kTileRows; ++m) {
-      // Lanes past `rows` repeat the last row's queries and mask with d_out = 0: they add nothing to dk or dv.
+      // Lanes past `rows` repeat the last row's queries and mask with d_out = 0: they add nothing to dk or dv; so
+      // do padding positions (no query: zeros).
       const int64_t r = r0 + std::min(m, rows - 1), g = r / t_size, t = r % t_size;
-      const int64_t offset = ((b * t_size + t) * heads + c * group + g) * d_size;
+      const int64_t offset = QueryOffset(b, t, c * group + g);
       mask_row[m] = mask + (b * t_size + t) * s_size;
-      dq_row[m] = dq + offset;
+      if (offset < 0 && discarded.empty()) discarded.resize(d_size);
+      dq_row[m] = offset >= 0 ? dq + offset : discarded.data();
       lse_rows[m] = lse[(b * heads + c * group + g) * t_size + t];
       Vec dot_out = {};
       for (int64_t d = 0; d < d_size; d += kLanes) {
-        const Vec dout = m < rows ? Load(d_out + offset + d) : Vec{};
-        Store(q_rows.data() + m * d_size + d, Load(q + offset + d) * scale);
+        const bool query = m < rows && offset >= 0;
+        const Vec dout = query ? Load(d_out + offset + d) : Vec{};
+        Store(q_rows.data() + m * d_size + d, offset >= 0 ? Load(q + offset + d) * scale : Vec{});
         Store(d_out_rows.data() + m * d_size + d, dout);
-        dot_out += dout * Load(out + offset + d);
+        if (query) dot_out += dout * Load(out + offset + d);
       }
       delta[m] = Sum(dot_out);  // sum_s P[s] dP[s] = dO . out, since out = P v
       visible_end = VisibleEnd(mask_row[m], s_size, visible_end);
@@ -186,23 +190,24 @@ struct GradWork : AttentionInputs {
   }
 };
 
-ffi::Error CachedAttentionGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out,
-                               ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
+ffi::Error CachedAttentionGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S32> q_index,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                               ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
                                ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                                ffi::ResultBuffer<ffi::F32> dv) {
   auto work = std::make_shared<GradWork>();
   auto qd = q.dimensions();
+  auto id = q_index.dimensions();
   auto kd = k.dimensions();
   auto ld = lse.dimensions();
   auto pd = dk->dimensions();
   const bool same_as_q = std::equal(qd.begin(), qd.end(), out.dimensions().begin()) &&
                          std::equal(qd.begin(), qd.end(), d_out.dimensions().begin());
-  if (!work->Set(q, k, v, mask) || ld.size() != 3 || pd.size() != 5 || !same_as_q || ld[0] != qd[0] ||
-      ld[1] != qd[2] || ld[2] != qd[1] || !std::equal(kd.begin(), kd.end(), pd.begin() + 1)) {
+  if (!work->Set(q, q_index, k, v, mask) || ld.size() != 3 || pd.size() != 5 || !same_as_q || ld[0] != id[0] ||
+      ld[1] != qd[1] || ld[2] != id[1] || !std::equal(kd.begin(), kd.end(), pd.begin() + 1)) {
     return ffi::Error::InvalidArgument(
-        "cpu_attention_grad: expected q, out, d_out [B, T, H, D], k and v [B, Kh, S, D], mask [B, T, S], lse "
-        "[B, H, T], dk and dv [P, B, Kh, S, D], H % Kh == 0, D % 8 == 0");
+        "cpu_attention_grad: expected q, out, d_out [N, H, D], q_index [B, T], k and v [B, Kh, S, D], mask "
+        "[B, T, S], lse [B, H, T], dk and dv [P, B, Kh, S, D], H % Kh == 0, D % 8 == 0");
   }
   work->out = out.typed_data();
   work->lse = lse.typed_data();
@@ -211,6 +216,7 @@ ffi::Error CachedAttentionGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   work->dk = dk->typed_data();
   work->dv = dv->typed_data();
   work->parts = pd[0];
+  work->ZeroUnmappedTokens(work->dq);
   const int64_t items = work->parts * work->batch * work->kv_heads;
   RunOnPool(pool, work, items);
   return ffi::Error::Success();

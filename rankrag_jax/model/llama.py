@@ -149,9 +149,13 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(apply_rope(k, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS,
                                                                axes.ACT_HEAD_DIM))
     new_cache = None
+    # The CPU kernels read the queries and write the output as compact tokens through an index map (no gathers).
+    q_index = None
+    if layout is not None and query_slots is None and self.cpu_attention:
+      q_index = token_layout.flat_compact_index(layout)
     if layout is not None:  # the projections ran on the compact real tokens; attention runs on the rows.
       k, v = token_layout.to_padded(k, layout), token_layout.to_padded(v, layout)
-      q = q if query_slots is not None else token_layout.to_padded(q, layout)
+      q = q if query_slots is not None or q_index is not None else token_layout.to_padded(q, layout)
     if kv_cache is not None:
       # Write this call's keys/values at slots [index, index + T) of the heads-major cache, attend over all of it.
       write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
@@ -160,18 +164,18 @@ class Attention(nn.Module):
       new_cache = {"k": k_all, "v": v_all}
       k_all, v_all = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
       if self.cpu_attention:
-        out = cpu_kernels.cached_attention(q, k_all, v_all, mask)
+        out = cpu_kernels.cached_attention(q, k_all, v_all, mask, q_index)
       elif isinstance(cache_index, int) and q.shape[1] > ops.PREFILL_QUERY_BLOCK and query_slots is None:
         out = ops.prefill_blockwise_attention(q, k_all, v_all, mask, cache_index, ops.PREFILL_QUERY_BLOCK)
       else:
         out = ops.cached_attention(q, k_all, v_all, mask)
     elif self.cpu_attention:
-      out = cpu_kernels.training_attention(q, k, v, mask)
+      out = cpu_kernels.training_attention(q, k, v, mask, q_index)
     elif 0 < cfg.attention_query_block < q.shape[1]:
       out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
     else:  # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    if layout is not None and query_slots is None:
+    if layout is not None and query_slots is None and q_index is None:
       out = token_layout.to_compact(out, layout)
     out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM))
     out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init((axes.HEADS, axes.HEAD_DIM, axes.EMBED)),

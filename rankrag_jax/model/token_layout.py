@@ -139,6 +139,16 @@ def to_padded(x: Array, layout: TokenLayout) -> Array:
   return _to_padded(x, layout)
 
 
+def flat_compact_index(layout: TokenLayout) -> Array:
+  """int32 [B, T]: each row slot's token among the S * N compact tokens flattened, S * N at padding slots (what
+  the CPU attention kernels take as q_index, to read and write the compact tokens in place of the rows)."""
+  shards, num_tokens = layout.compact_slots.shape
+  per_shard = layout.padded_slots.reshape(shards, layout.rows // shards, -1)
+  offsets = jnp.arange(shards, dtype=jnp.int32)[:, None, None] * num_tokens
+  flat = jnp.where(per_shard < num_tokens, per_shard + offsets, shards * num_tokens)
+  return flat.reshape(layout.rows, -1).astype(jnp.int32)
+
+
 def take_slots(x: Array, slots: Array, layout: TokenLayout | None = None) -> Array:
   """x at the row slots `slots` int32 [B, K] -> [B, K, ...]: x is [B, T, ...], or compact [S, N, ...] under
   `layout` (where a padding slot gives 0). Each row's gather stays on its data shard."""
