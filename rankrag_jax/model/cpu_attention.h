@@ -135,7 +135,7 @@ inline int64_t WindowBegin(const bool* const mask_row[], int64_t rows, int64_t v
 // token q_index[b, t]; an index outside [0, N) marks a padding position: no query, no output), heads-major k and v
 // [B, Kh, S, D], mask [B, T, S], with H a multiple of Kh and D of 8; kv head c's G * T query rows r (r = g * T +
 // t: query head c * G + g at position t) make tiles_per_kv_head tiles of kTileRows. With q_index[b, t] = b * T + t
-// the queries are the rows' own; with a token layout's map (`token_layout.TokenLayout.padded_slots`) they are the
+// the queries are the rows' own; with a token layout's map (`token_layout.flat_compact_index`) they are the
 // compact real tokens, which the kernels read and write in place of the rows (no gathers around the call).
 struct AttentionInputs {
   const float *q, *k, *v;

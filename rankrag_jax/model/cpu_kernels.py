@@ -99,9 +99,9 @@ def attention_usable(config: LlamaConfig, mesh: Mesh | None = None) -> bool:
 
 
 def _query_tokens(q: Array, q_index: Array | None, batch: int, length: int, name: str) -> tuple[Array, Array]:
-  """q as the kernels take it, [N, H, D] query tokens, and q_index [B, T]: each row position's token (N: none).
-  Without q_index, q is [B, T, H, D] (the rows' own queries); with it, q is [..., H, D] (a token layout's compact
-  tokens, `token_layout.TokenLayout.padded_slots` of one data shard as q_index)."""
+  """q as the kernels take it, [N, H, D] query tokens, and q_index [B, T]: each row position's token (N or more:
+  a padding position, no query). Without q_index, q is [B, T, H, D] (the rows' own queries); with it, q is
+  [..., H, D] (a token layout's compact tokens, q_index from `token_layout.flat_compact_index`)."""
   if q_index is None:
     if q.ndim != 4 or q.shape[:2] != (batch, length):
       raise ValueError(f"cpu_kernels.{name}: expected q [B, T, H, D] with B, T = {batch}, {length}; got {q.shape}")
