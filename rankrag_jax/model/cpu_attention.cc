@@ -155,25 +155,8 @@ void TileAttention(const float* const q_row[], float* const out_row[], float* co
     Store(row, e0);
     Store(row + kLanes, e1);
   }
-  // Values, 6 features at a time (then 2 at a time: D is a multiple of 8): out_t[d] holds feature d of the 16
-  // rows.
-  int64_t d0 = 0;
-  for (; d0 + kSlotBlock <= d_size; d0 += kSlotBlock) {
-    Vec c0[kSlotBlock], c1[kSlotBlock];
-    MultiplyBlock<kSlotBlock>(values + d0, 1, d_size, scores.data(), kTileRows, visible_end, c0, c1);
-    for (int64_t j = 0; j < kSlotBlock; ++j) {
-      Store(out_t.data() + (d0 + j) * kTileRows, c0[j]);
-      Store(out_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
-    }
-  }
-  for (; d0 < d_size; d0 += 2) {
-    Vec c0[2], c1[2];
-    MultiplyBlock<2>(values + d0, 1, d_size, scores.data(), kTileRows, visible_end, c0, c1);
-    for (int64_t j = 0; j < 2; ++j) {
-      Store(out_t.data() + (d0 + j) * kTileRows, c0[j]);
-      Store(out_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
-    }
-  }
+  // Values: out_t[d] holds feature d of the 16 rows.
+  WeightedRowSums(values, d_size, scores.data(), visible_end, out_t.data());
   for (int64_t m = 0; m < rows; ++m) {
     const float total = m < kLanes ? total0[m] : total1[m - kLanes];
     const float max = m < kLanes ? max0[m] : max1[m - kLanes];

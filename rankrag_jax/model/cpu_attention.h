@@ -98,6 +98,29 @@ inline void MultiplyBlock(const float* a, int64_t a_row, int64_t a_k, const floa
   }
 }
 
+// out_t[d, 0..16) = sum_{s < slots} rows[s, d] weights[s, 0..16) for d < D: rows [slots, D] (values, or keys for
+// dq), weights [slots, 16] (a tile's probabilities or score gradients), out_t [D, 16]. [6 features x 16 rows]
+// blocks, then 2 features at a time (D is a multiple of 8).
+inline void WeightedRowSums(const float* rows, int64_t d_size, const float* weights, int64_t slots, float* out_t) {
+  int64_t d0 = 0;
+  for (; d0 + 6 <= d_size; d0 += 6) {
+    Vec c0[6], c1[6];
+    MultiplyBlock<6>(rows + d0, 1, d_size, weights, kTileRows, slots, c0, c1);
+    for (int64_t j = 0; j < 6; ++j) {
+      Store(out_t + (d0 + j) * kTileRows, c0[j]);
+      Store(out_t + (d0 + j) * kTileRows + kLanes, c1[j]);
+    }
+  }
+  for (; d0 < d_size; d0 += 2) {
+    Vec c0[2], c1[2];
+    MultiplyBlock<2>(rows + d0, 1, d_size, weights, kTileRows, slots, c0, c1);
+    for (int64_t j = 0; j < 2; ++j) {
+      Store(out_t + (d0 + j) * kTileRows, c0[j]);
+      Store(out_t + (d0 + j) * kTileRows + kLanes, c1[j]);
+    }
+  }
+}
+
 inline float Sum(Vec v) {
   float total = 0.0f;
   for (int64_t i = 0; i < kLanes; ++i) total += v[i];

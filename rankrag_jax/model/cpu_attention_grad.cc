@@ -6,10 +6,11 @@
 // Why (bench/README.md, session 18): XLA:CPU runs training attention's small batched products on one core at
 // ~40% of the machine's matmul rate, with the mask, exp and softmax gradient as separate passes over [64, S]
 // blocks. Here, as in the forward kernel, one tile of 16 query rows (16 positions of one query head) sits in the
-// lanes of two vectors, every product in [6 x 16] register blocks (`MultiplyBlock`): the tile recomputes its probabilities P = exp(q.k / sqrt(D) - lse) over the slots up to its
-// last visible one, the score gradients dS = P (dO.v - dO.out), and adds its share to dq (its own rows), dk and
-// dv. Work item (b, kv head, part p) takes every P-th tile of that kv head's G x T rows, so its dk and dv sums
-// are its own (no two threads add into the same rows) and the causal work is spread evenly over the parts.
+// lanes of two vectors, every product in [6 x 16] register blocks (`MultiplyBlock`, sessions 18-19): the tile
+// recomputes its probabilities P = exp(q.k / sqrt(D) - lse) over the slots up to its last visible one, the score
+// gradients dS = P (dO.v - dO.out), and adds its share to dq (its own rows), dk and dv. Work item (b, kv head,
+// part p) takes every P-th tile of that kv head's G x T rows, so its dk and dv sums are its own (no two threads
+// add into the same rows) and the causal work is spread evenly over the parts.
 //
 // Built and registered by cpu_kernels.py (`jax.ffi`); compiled on first use with the host's C++ compiler.
 #include <vector>
@@ -163,24 +164,8 @@ struct GradWork : AttentionInputs {
         Store(d_score + j * kTileRows + kLanes, Load(prob + j * kTileRows + kLanes) * (d_prob1[j] - delta1));
       }
     }
-    // dq[m] = sum_s dS[s, m] k[s] / sqrt(D): [6 features x 16 rows] blocks, then 2 features at a time.
-    int64_t d0 = 0;
-    for (; d0 + kSlotBlock <= d_size; d0 += kSlotBlock) {
-      Vec c0[kSlotBlock], c1[kSlotBlock];
-      MultiplyBlock<kSlotBlock>(keys + d0, 1, d_size, d_scores.data(), kTileRows, visible_end, c0, c1);
-      for (int64_t j = 0; j < kSlotBlock; ++j) {
-        Store(dq_t.data() + (d0 + j) * kTileRows, c0[j]);
-        Store(dq_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
-      }
-    }
-    for (; d0 < d_size; d0 += 2) {
-      Vec c0[2], c1[2];
-      MultiplyBlock<2>(keys + d0, 1, d_size, d_scores.data(), kTileRows, visible_end, c0, c1);
-      for (int64_t j = 0; j < 2; ++j) {
-        Store(dq_t.data() + (d0 + j) * kTileRows, c0[j]);
-        Store(dq_t.data() + (d0 + j) * kTileRows + kLanes, c1[j]);
-      }
-    }
+    // dq[m] = sum_s dS[s, m] k[s] / sqrt(D).
+    WeightedRowSums(keys, d_size, d_scores.data(), visible_end, dq_t.data());
     for (int64_t m = 0; m < rows; ++m) {
       for (int64_t d = 0; d < d_size; ++d) dq_row[m][d] = dq_t[d * kTileRows + m] * scale;
     }
