@@ -93,9 +93,6 @@ void FewRowsAttention(const float* const q_row[], float* const out_row[], float*
   }
 }
 
-// Slots per block of scores: J of MultiplyBlock (6 slots x a tile's 16 rows).
-constexpr int64_t kSlotBlock = 6;
-
 // A tile of up to 16 rows (two vectors of 8 lanes) over the window's `visible_end` slots: scores in [6 x 16]
 // blocks, softmax, value product in [6 features x 16 rows] blocks. Lanes past `rows` repeat the last row.
 template <int64_t kFeatures>

@@ -19,6 +19,7 @@ namespace rankrag_attention {
 
 constexpr int64_t kLanes = 8;  // f32 lanes of one 256-bit vector: one query row per lane.
 constexpr int64_t kTileRows = 2 * kLanes;  // query rows per tile: two vectors.
+constexpr int64_t kSlotBlock = 6;  // slots (or features) per [6 x 16] product block: J of MultiplyBlock.
 typedef float Vec __attribute__((vector_size(32), aligned(4)));
 typedef int32_t IVec __attribute__((vector_size(32), aligned(4)));
 
@@ -103,10 +104,10 @@ inline void MultiplyBlock(const float* a, int64_t a_row, int64_t a_k, const floa
 // blocks, then 2 features at a time (D is a multiple of 8).
 inline void WeightedRowSums(const float* rows, int64_t d_size, const float* weights, int64_t slots, float* out_t) {
   int64_t d0 = 0;
-  for (; d0 + 6 <= d_size; d0 += 6) {
-    Vec c0[6], c1[6];
-    MultiplyBlock<6>(rows + d0, 1, d_size, weights, kTileRows, slots, c0, c1);
-    for (int64_t j = 0; j < 6; ++j) {
+  for (; d0 + kSlotBlock <= d_size; d0 += kSlotBlock) {
+    Vec c0[kSlotBlock], c1[kSlotBlock];
+    MultiplyBlock<kSlotBlock>(rows + d0, 1, d_size, weights, kTileRows, slots, c0, c1);
+    for (int64_t j = 0; j < kSlotBlock; ++j) {
       Store(out_t + (d0 + j) * kTileRows, c0[j]);
       Store(out_t + (d0 + j) * kTileRows + kLanes, c1[j]);
     }

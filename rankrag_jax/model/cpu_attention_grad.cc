@@ -23,9 +23,6 @@ namespace {
 
 using namespace rankrag_attention;
 
-// Slots per block of scores (J of MultiplyBlock), as in the forward pass.
-constexpr int64_t kSlotBlock = 6;
-
 struct GradWork : AttentionInputs {
   const float *out, *d_out, *lse;
   float *dq, *dk, *dv;
