@@ -12,7 +12,7 @@ row (no stop ids, so neither stops early) in one batch:
         one-token steps over an explicit per-layer KV cache, per-layer weights and the LM head in 8-column panels
         whose few-row products run on both cores (`model/row_matmul`), the prompt's and the steps' attention
         over the KV cache on both cores too (`model/cpu_attention.cc`); the weights are made once at load by
-        `generate.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
+        `decode_weights.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
         not inside the timed call; the calls reuse their KV cache memory through one `generate.KVBuffers`, as a
         `rag.RagModel`'s do);
   reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
@@ -89,10 +89,11 @@ def side_ours(args) -> dict:
   import jax
   from rankrag_jax import generate
   from rankrag_jax.convert.load import load_model
+  from rankrag_jax.model import decode_weights
   sequences = json.loads(pathlib.Path(args.data).read_text())["sequences"]
   config, params, _ = load_model(args.hf_dir)
   params = jax.device_put(params)
-  weights = generate.make_decode_weights(params, config)  # made once at load, as rag.load_rag_model does
+  weights = decode_weights.make_decode_weights(params, config)  # made once at load, as rag.load_rag_model does
   buffers = generate.KVBuffers()  # KV cache memory reused by the calls, as rag.RagModel holds one
   run = lambda: generate.generate(params, config, sequences, args.new_tokens, stop_ids=[], batch_size=args.batch,
                                   decode_weights=weights, kv_buffers=buffers)

@@ -29,8 +29,9 @@ import numpy as np
 # Every Gin-configurable module is imported here, before --gin_file is parsed (Gin locks its registry then).
 from rankrag_jax import assets, cli, prompts, rerank, sharding
 from rankrag_jax.convert import load
-from rankrag_jax.generate import DecodeWeights, KVBuffers, generate, make_decode_weights, max_new_tokens_for_task
+from rankrag_jax.generate import KVBuffers, generate, max_new_tokens_for_task
 from rankrag_jax.model.config import LlamaConfig
+from rankrag_jax.model.decode_weights import DecodeWeights, make_decode_weights
 from rankrag_jax.model.llama import param_logical_axes
 from rankrag_jax.retrieval import bm25, dense
 from rankrag_jax.retrieval import corpus as corpus_lib
@@ -48,7 +49,7 @@ class RagError(ValueError):
 @dataclasses.dataclass(frozen=True, eq=False)
 class RagModel:
   """One Llama that both reranks and generates, with its tokenizer, (on >1 device) the mesh, the weights
-  generation decodes from (`generate.make_decode_weights`: made once at load; "auto": per generate call) and the
+  generation decodes from (`decode_weights.make_decode_weights`: made once at load; "auto": per generate call) and the
   KV cache memory its calls reuse (`generate.KVBuffers`)."""
   config: LlamaConfig
   params: dict

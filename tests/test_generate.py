@@ -11,6 +11,7 @@ import pytest
 
 from rankrag_jax import generate as generate_lib
 from rankrag_jax.model import config as config_lib
+from rankrag_jax.model import decode_weights as decode_weights_lib
 from rankrag_jax.model import llama
 
 MAX_NEW = 10
@@ -66,7 +67,7 @@ def decode_weights(params, config, kind):
   """The weights generate steps: "panels" (the CPU default), "unstacked" (per-layer, XLA dots) or "stacked"."""
   if kind == "stacked":
     return None
-  weights = generate_lib.make_decode_weights(params, config, use_cpu_kernels=kind == "panels")
+  weights = decode_weights_lib.make_decode_weights(params, config, use_cpu_kernels=kind == "panels")
   assert weights.cpu_kernels == (kind == "panels")  # "panels" needs the compiled CPU kernels
   return weights
 
@@ -77,13 +78,13 @@ DECODE_WEIGHTS = ["panels", "unstacked", "stacked"]
 def test_decode_weights_keep_the_kernels_layout_without_cpu_kernels(tiny_model, monkeypatch):
   # No C++ compiler (cpu_kernels unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
   config, params = tiny_model
-  monkeypatch.setattr(generate_lib.cpu_kernels, "available", lambda: False)
-  weights = generate_lib.make_decode_weights(params, config)
+  monkeypatch.setattr(decode_weights_lib.cpu_kernels, "available", lambda: False)
+  weights = decode_weights_lib.make_decode_weights(params, config)
   assert not weights.cpu_kernels
   np.testing.assert_array_equal(weights.layers[1]["mlp"]["up_proj"]["kernel"],
                                 params["layers"]["mlp"]["up_proj"]["kernel"][1])
   monkeypatch.undo()
-  assert not generate_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).cpu_kernels
+  assert not decode_weights_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).cpu_kernels
 
 
 @pytest.mark.parametrize("compact", [16, 0], ids=["compact_prefill", "padded_prefill"])
@@ -102,16 +103,16 @@ def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch, reques
   # Per-layer weights decode with the output projection in column blocks: 256 = 100 + 100 + 56 columns here.
   # jax reuses a function's traced program whatever module constants say: clear traces so generate sees 100, and
   # again afterwards so no later test gets the 100-column program.
-  monkeypatch.setattr(generate_lib, "LM_HEAD_BLOCK", 100)
+  monkeypatch.setattr(decode_weights_lib, "LM_HEAD_BLOCK", 100)
   jax.clear_caches()
   request.addfinalizer(jax.clear_caches)
   config = config_lib.tiny(tie_word_embeddings=tied)
   params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(1))
-  blocks = generate_lib._lm_head_column_blocks(params, config)
+  blocks = decode_weights_lib._lm_head_column_blocks(params, config)
   assert [b.shape for b in blocks] == [(64, 100), (64, 100), (64, 56)]
   hidden = jax.random.normal(jax.random.key(2), (3, config.hidden_size))
   want = llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden)
-  got = generate_lib._lm_head_logits(config, generate_lib.DecodeWeights([], blocks), hidden)
+  got = decode_weights_lib.lm_head_logits(config, decode_weights_lib.DecodeWeights([], blocks), hidden)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=6, stop_ids=[], batch_size=4,
                               decode_weights=decode_weights(params, config, "unstacked"))
@@ -119,7 +120,7 @@ def test_lm_head_in_column_blocks_equals_full_forwards(tied, monkeypatch, reques
 
 
 def test_panel_layers_compute_what_the_layers_compute(tiny_model):
-  # The decode steps' layers, q/k/v and gate/up fused (llama.fuse_panel_projections) and in panel order, through
+  # The decode steps' layers, q/k/v and gate/up fused (decode_weights.fuse_panel_projections), in panel order, through
   # row_matmul, against the plain per-layer params through XLA's dots: a wrong fusion order or split differs.
   config, params = tiny_model
   weights = decode_weights(params, config, "panels")
@@ -142,7 +143,7 @@ def test_lm_head_in_panels_equals_full_forwards(tied):
   weights = decode_weights(params, config, "panels")
   hidden = jax.random.normal(jax.random.key(2), (3, config.hidden_size))
   want = llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden)
-  got = generate_lib._lm_head_logits(config, weights, hidden)
+  got = decode_weights_lib.lm_head_logits(config, weights, hidden)
   assert got.shape == (3, 250)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   got = generate_lib.generate(params, config, PREFIXED_PROMPTS, max_new_tokens=6, stop_ids=[], batch_size=4,

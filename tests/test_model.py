@@ -12,6 +12,7 @@ import pytest
 
 from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import cpu_kernels
+from rankrag_jax.model import decode_weights
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
 from rankrag_jax.model import token_layout
@@ -69,7 +70,7 @@ def test_unstacked_layers_with_per_layer_cache_equal_the_scanned_forward(tiny, r
   config = dataclasses.replace(config, remat_policy=remat_policy)
   tokens = _tokens(10, (2, 12))
   full = _forward(config, params, tokens)
-  layers = llama.unstack_layers(params)
+  layers = decode_weights.unstack_layers(params)
   assert len(layers) == config.num_layers
   cache = llama.init_cache(config, batch_size=2, max_length=16, per_layer=True)
   pieces = []
@@ -98,8 +99,9 @@ def test_last_layer_at_output_slots_only_equals_the_full_forward_there(tiny, com
   expected = np.take_along_axis(np.asarray(full), np.asarray(slots)[..., None], axis=1)
   stacked, _ = model.apply({"params": params}, tokens, positions, segment_ids, prefix_cache(False), layout=layout,
                            output_slots=slots, method=llama.Llama.hidden_states)
-  pruned, cache = llama.unstacked_hidden_states(config, params, llama.unstack_layers(params), tokens, positions,
-                                                segment_ids, prefix_cache(True), layout=layout, output_slots=slots)
+  layers = decode_weights.unstack_layers(params)
+  pruned, cache = llama.unstacked_hidden_states(config, params, layers, tokens, positions, segment_ids,
+                                                prefix_cache(True), layout=layout, output_slots=slots)
   assert pruned.shape == stacked.shape == (2, 2, config.hidden_size)
   np.testing.assert_allclose(stacked, expected, atol=ATOL)
   np.testing.assert_allclose(pruned, expected, atol=ATOL)
@@ -113,7 +115,7 @@ def test_query_slots_without_a_cache_are_refused(tiny):
   x = jnp.zeros((1, 4, config.hidden_size))
   sin, cos = llama.rope_sin_cos(jnp.arange(4)[None], config)
   mask = llama.attention_mask(jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-  layer_params = llama.unstack_layers(params)[0]["attn"]
+  layer_params = decode_weights.unstack_layers(params)[0]["attn"]
   with pytest.raises(ValueError, match="query_slots needs a KV cache"):
     llama.Attention(config).apply({"params": layer_params}, x, sin, cos, mask, query_slots=jnp.zeros((1, 1), jnp.int32))
 

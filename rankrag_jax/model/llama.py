@@ -131,7 +131,8 @@ class Attention(nn.Module):
     if query_slots is not None:
       q_x, q_sin, q_cos = (token_layout.take_slots(a, query_slots, layout) for a in (x, sin, cos))
       mask = jnp.take_along_axis(mask, query_slots[:, None, :, None], axis=2)
-    if self.panel_kernels:  # q, k and v in one kernel (`fuse_panel_projections`): one row_matmul call, not three
+    # q, k and v in one kernel (`decode_weights.fuse_panel_projections`): one row_matmul call, not three
+    if self.panel_kernels:
       qkv = dense((cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim),
                   kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)), name="qkv_proj")(x)
       q, k, v = jnp.split(qkv, (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads), axis=-2)
@@ -191,7 +192,7 @@ class MLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     dense = functools.partial(nn.Dense, **_dense_kwargs(cfg, self.panel_kernels))
-    if self.panel_kernels:  # gate and up in one kernel (`fuse_panel_projections`)
+    if self.panel_kernels:  # gate and up in one kernel (`decode_weights.fuse_panel_projections`)
       gate, up = jnp.split(dense(2 * cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)),
                                  name="gate_up_proj")(x), 2, axis=-1)
     else:
@@ -206,8 +207,8 @@ class DecoderLayer(nn.Module):
 
   With `query_slots` [B, K] (the last layer, when only some positions' outputs are needed; with a cache): the
   output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended).
-  With panel_kernels, the projection kernels are fused (`fuse_panel_projections`) and in `row_matmul.to_panels`
-  order (`generate`'s CPU decode steps); with cpu_attention, the cache attention is
+  With panel_kernels, the projection kernels are fused (`decode_weights.fuse_panel_projections`) and in
+  `row_matmul.to_panels` order (`generate`'s CPU decode steps); with cpu_attention, the cache attention is
   `cpu_kernels.cached_attention`."""
   config: LlamaConfig
   panel_kernels: bool = False
@@ -358,31 +359,13 @@ def _cached_attention_mask(cache: dict, segment_ids: Array) -> tuple[Array, Arra
   return kv_segments, attention_mask(segment_ids, kv_segments, q_offset=index)
 
 
-def unstack_layers(params: dict) -> list[dict]:
-  """Each decoder layer's parameters, sliced once out of the stacked `params["layers"]`."""
-  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
-  return [jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(num_layers)]
-
-
-def fuse_panel_projections(layer: dict) -> dict:
-  """One layer's params as the panel_kernels layers take them: q/k/v kernels concatenated on the heads axis
-  (`attn/qkv_proj`), gate/up on the features axis (`mlp/gate_up_proj`), so that a decode step reads each group of
-  weights in one row_matmul call instead of three or two (a call costs ~10 us beyond its weights' stream;
-  bench/README.md, session 17)."""
-  attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-  qkv = [attn.pop(name)["kernel"] for name in ("q_proj", "k_proj", "v_proj")]
-  gate_up = [mlp.pop(name)["kernel"] for name in ("gate_proj", "up_proj")]
-  return {**layer, "attn": {**attn, "qkv_proj": {"kernel": jnp.concatenate(qkv, axis=1)}},
-          "mlp": {**mlp, "gate_up_proj": {"kernel": jnp.concatenate(gate_up, axis=1)}}}
-
-
 def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
                             segment_ids: Array, cache: dict, layout: token_layout.TokenLayout | None = None,
                             output_slots: Array | None = None, panel_kernels: bool = False,
                             cpu_attention: bool = False) -> tuple[Array, dict]:
-  """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over `unstack_layers(params)`
-  (with panel_kernels: their kernels in `row_matmul.to_panels` order; with cpu_attention, attention through
-  `cpu_kernels.cached_attention`).
+  """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over
+  `decode_weights.unstack_layers(params)` (with panel_kernels: their kernels in `row_matmul.to_panels` order; with
+  cpu_attention, attention through `cpu_kernels.cached_attention`).
 
   For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
   the stack (XLA:CPU copies them, ~40% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
