@@ -134,6 +134,36 @@ def test_bm25_save_load_round_trip_is_identical(squad_corpus_and_questions, tmp_
   assert bm25.search_bm25(loaded, queries[:1], k=10_000)[0].shape == (1, len(corpus))  # k clipped.
 
 
+@pytest.mark.parametrize("kind", ["bm25", "dense"])
+@pytest.mark.parametrize("damage, message", [
+    ("no_meta", "is not a"), ("bad_json", "not valid JSON"), ("old_version", "unsupported format_version 0"),
+    ("no_ids", "missing field(s) 'doc_ids'")])
+def test_damaged_index_meta_fails_naming_the_file(squad_corpus_and_questions, tmp_path, kind, damage, message):
+  corpus, _ = squad_corpus_and_questions
+  directory = tmp_path / kind
+  if kind == "bm25":
+    save, load, meta_file = bm25.save_bm25_index, bm25.load_bm25_index, bm25.META_FILE
+    save(bm25.build_bm25_index(corpus), directory)
+  else:
+    save, load, meta_file = dense.save_dense_index, dense.load_dense_index, dense.META_FILE
+    embeddings = np.random.default_rng(0).normal(size=(len(corpus), 8)).astype(np.float32)
+    save(dense.build_dense_index(embeddings, corpus.ids), directory)
+  assert len(load(directory).doc_ids) == len(corpus)  # intact, it loads
+  meta_path = directory / meta_file
+  meta = json.loads(meta_path.read_text())
+  if damage == "no_meta":
+    meta_path.unlink()
+  elif damage == "bad_json":
+    meta_path.write_text(json.dumps(meta)[:-10])
+  elif damage == "old_version":
+    meta_path.write_text(json.dumps({**meta, "format_version": 0}))
+  else:
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "doc_ids"}))
+  with pytest.raises((ValueError, FileNotFoundError), match=str(directory)) as error:
+    load(directory)
+  assert message in str(error.value)
+
+
 # --- dense: the Flax encoder ------------------------------------------------------------------------------
 
 def test_flax_minilm_embeddings_match_transformers(minilm, squad_corpus_and_questions):

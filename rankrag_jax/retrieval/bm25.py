@@ -14,7 +14,6 @@ sparse score matrix as three `.npy` arrays, written and read with `allow_pickle=
 """
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Sequence
@@ -102,18 +101,12 @@ def save_bm25_index(index: Bm25Index, directory: str | os.PathLike) -> None:
   # corpus=None: the passages live in the corpus file; the index stores only ids (in our meta file).
   index.retriever.save(str(directory), corpus=None, allow_pickle=False, show_progress=False)
   meta = {"format_version": FORMAT_VERSION, "stopwords": index.stopwords, "doc_ids": list(index.doc_ids)}
-  (directory / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+  corpus_lib.write_index_meta(directory, META_FILE, meta)
 
 
 def load_bm25_index(directory: str | os.PathLike, mmap: bool = False) -> Bm25Index:
   """Reads an index written by `save_bm25_index`; `mmap=True` memory-maps the score matrix (large corpora)."""
-  directory = pathlib.Path(directory)
-  meta_path = directory / META_FILE
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{directory} is not a BM25 index directory (no {META_FILE})")
-  meta = json.loads(meta_path.read_text(encoding="utf-8"))
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+  meta = corpus_lib.read_index_meta(directory, META_FILE, "BM25", FORMAT_VERSION, ("doc_ids", "stopwords"))
   retriever = bm25s.BM25.load(str(directory), load_corpus=False, mmap=mmap, allow_pickle=False,
                               show_progress=False)
   num_docs = retriever.scores["num_docs"]

@@ -13,6 +13,7 @@ field, because a silently dropped passage shifts retrieval results without any v
 import dataclasses
 import json
 import os
+import pathlib
 from typing import Iterable, Sequence
 
 # Order matters only for error messages: we report the first field that is wrong.
@@ -132,6 +133,31 @@ def write_corpus_jsonl(corpus: Corpus, path: str | os.PathLike) -> None:
   with open(path, "w", encoding="utf-8") as f:
     for passage_id, title, text in zip(corpus.ids, corpus.titles, corpus.texts):
       f.write(json.dumps({"id": passage_id, "title": title, "text": text}, ensure_ascii=False) + "\n")
+
+
+def write_index_meta(directory: pathlib.Path, meta_file: str, meta: dict) -> None:
+  """Writes a saved index's meta file (JSON: its format_version, passage ids, ...) into `directory`."""
+  (directory / meta_file).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+
+
+def read_index_meta(directory: str | os.PathLike, meta_file: str, kind: str, format_version: int,
+                    fields: Sequence[str]) -> dict:
+  """A saved index's meta file, checked: a directory without it, bad JSON, another format_version or a missing
+  field fails naming the file (not a KeyError from the loader)."""
+  path = pathlib.Path(directory) / meta_file
+  if not path.exists():
+    raise FileNotFoundError(f"{directory} is not a {kind} index directory (no {meta_file})")
+  try:
+    meta = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); rebuild the index") from None
+  if not isinstance(meta, dict) or meta.get("format_version") != format_version:
+    found = meta.get("format_version") if isinstance(meta, dict) else None
+    raise ValueError(f"{path}: unsupported format_version {found!r} (expected {format_version})")
+  missing = [field for field in fields if field not in meta]
+  if missing:
+    raise ValueError(f"{path}: missing field(s) {', '.join(map(repr, missing))}; rebuild the index")
+  return meta
 
 
 def _validated_row(row, where: str) -> tuple[str, str, str]:

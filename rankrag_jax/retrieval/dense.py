@@ -14,7 +14,6 @@ On disk an index is a directory with faiss' own `dense.faiss` (`faiss.write_inde
 """
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -138,18 +137,13 @@ def save_dense_index(index: DenseIndex, directory: str | os.PathLike) -> None:
   faiss.write_index(index.index, str(directory / INDEX_FILE))
   meta = {"format_version": FORMAT_VERSION, "index_type": index.index_type, "dim": index.dim,
           "doc_ids": list(index.doc_ids)}
-  (directory / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+  corpus_lib.write_index_meta(directory, META_FILE, meta)
 
 
 def load_dense_index(directory: str | os.PathLike, mmap: bool = False) -> DenseIndex:
   """Reads an index written by `save_dense_index`; `mmap=True` memory-maps it (large corpora)."""
   directory = pathlib.Path(directory)
-  meta_path = directory / META_FILE
-  if not meta_path.exists():
-    raise FileNotFoundError(f"{directory} is not a dense index directory (no {META_FILE})")
-  meta = json.loads(meta_path.read_text(encoding="utf-8"))
-  if meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: unsupported format_version {meta.get('format_version')!r}")
+  meta = corpus_lib.read_index_meta(directory, META_FILE, "dense", FORMAT_VERSION, ("doc_ids", "dim", "index_type"))
   flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
   index = faiss.read_index(str(directory / INDEX_FILE), flags)
   if index.ntotal != len(meta["doc_ids"]) or index.d != meta["dim"]:
