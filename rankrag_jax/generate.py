@@ -27,9 +27,8 @@ from rankrag_jax.model import axes
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
-from rankrag_jax.model import decode_weights as decode_weights_lib
 from rankrag_jax.model import token_layout
-from rankrag_jax.model.decode_weights import DecodeWeights, make_decode_weights
+from rankrag_jax.model.decode_weights import DecodeWeights, lm_head_logits, make_decode_weights
 from rankrag_jax.model.llama import Llama
 
 Array = jax.Array
@@ -146,7 +145,7 @@ def decode_batch(params: dict, weights: DecodeWeights | None, config: LlamaConfi
     if weights.cpu_kernels:
       step_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.panel_layers,
                                        panel_kernels=True, cpu_attention=True)
-    lm_head = functools.partial(decode_weights_lib.lm_head_logits, config, weights)
+    lm_head = functools.partial(lm_head_logits, config, weights)
   else:
     step_forward = prefill_forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
     lm_head = functools.partial(model.apply, {"params": params}, method=Llama.logits_from_hidden)
