@@ -10,11 +10,17 @@ our held-out split (`gold_passage_id`). Candidates come from BM25 or the dense r
 from each row's own `ctxs` (`retriever="given"`: DPR's retrieval output, ChatRAG-Bench's documents).
 
 Output, in `out_dir`: `predictions.jsonl` (one record per example, appended and flushed chunk by chunk; a re-run
-skips the ids already there, so a killed run resumes), `summary.json` / `summary.md` (metrics.write_summary_table)
-and `run.json` (the settings and stage timings). The pipeline's pieces are the library's: `rag.build_search`,
+skips the ids already there, so a killed run resumes), `run_settings.json` (written when a run starts: the settings
+that make a prediction what it is, `prediction_settings`), `summary.json` / `summary.md`
+(metrics.write_summary_table) and `run.json` (the settings and stage timings). A re-run resumes only with the same
+prediction settings (offset, limit and chunk_size may differ); otherwise, or when the predictions have no
+`run_settings.json` (an older version wrote them), it refuses with `SettingsMismatch`, naming each differing
+setting, so two runs' predictions never mix. Use a new `out_dir`, or `run_evaluation.overwrite = True`, which deletes
+the old output first. The pipeline's pieces are the library's: `rag.build_search`,
 `rag.load_rag_model`, `rag.rank_passages`, `rag.generation_prompt`, `generate.generate`.
 """
 
+import inspect
 import json
 import os
 import pathlib
@@ -31,6 +37,7 @@ import tqdm
 from rankrag_jax import assets, cli, metrics, rag  # rag imports rerank, prompts and generate.
 from rankrag_jax.generate import generate, max_new_tokens_for_task
 from rankrag_jax.data import readers
+from rankrag_jax.retrieval import bert, bm25, dense
 from rankrag_jax.retrieval import corpus as corpus_lib
 
 TASKS = ("open_domain_qa", "fever", "conversational_qa")
@@ -40,6 +47,10 @@ _FEVER_LABELS = {"supports": True, "true": True, "refutes": False, "false": Fals
 
 class EvalError(ValueError):
   """Bad harness input (setting, dataset, corpus); the message names the setting or file:line."""
+
+
+class SettingsMismatch(EvalError):
+  """out_dir holds predictions made with other (or unknown) settings: resuming would mix two runs."""
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -212,6 +223,94 @@ def rerank_candidates(model: "rag.RagModel", example: dict, candidates: list[dic
 
 
 # ------------------------------------------------------------------------------------------------- resuming
+SETTINGS_FILE = "run_settings.json"
+OUTPUT_FILES = ("predictions.jsonl", SETTINGS_FILE, "summary.json", "summary.md", "run.json")
+# Gin-configurable settings outside run_evaluation that change a prediction, by the stage that uses them:
+# decoding, and the retriever's index and encoder.
+_PREDICTION_GIN = {
+    "generate": [(generate, ("temperature", "top_p", "seed", "keep_stop_token"))],
+    "bm25": [(bm25.build_bm25_index, ("k1", "b", "method", "stopwords"))],
+    "dense": [(dense.build_dense_index, ("index_type", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search",
+                                         "seed")),
+              (bert.load_sentence_encoder, ("model_dir", "max_seq_length", "normalize"))],
+}
+
+
+def _gin_settings(fn, names: Sequence[str]) -> dict:
+  """`fn`'s effective values of `names` (its Gin binding, else its default), keyed `{fn}.{name}`."""
+  bound, params = gin.get_bindings(fn), inspect.signature(fn).parameters
+  return {f"{fn.__name__}.{name}": bound.get(name, params[name].default) for name in names}
+
+
+def prediction_settings(dataset: str, task: str, checkpoint: str, corpus: str | None, retriever: str, n: int,
+                        k: int, use_reranker: bool, generate_answers: bool, chat_format: str,
+                        max_new_tokens: int | None, recall_ks: Sequence[int]) -> dict:
+  """Everything that makes a prediction record what it is, as JSON values (as run_settings.json holds them).
+
+  Not offset / limit / chunk_size / on_error (which examples, how batched) nor system_name (a label). A setting
+  that a run does not use is None (the checkpoint of a retriever-only run), so changing it does not refuse.
+  """
+  uses_model = use_reranker or generate_answers
+  settings = {
+      "dataset": os.path.abspath(dataset), "task": task, "retriever": retriever,
+      "corpus": os.path.abspath(corpus) if retriever != "given" and corpus else None,
+      "n": n, "use_reranker": use_reranker, "generate_answers": generate_answers,
+      # The tokenizer is the checkpoint's own; a local checkpoint is named by its absolute path.
+      "checkpoint": (os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint) if uses_model
+                    else None,
+      "chat_format": chat_format if uses_model else None,
+      "k": k if generate_answers else None,
+      "max_new_tokens": (max_new_tokens or max_new_tokens_for_task(task)) if generate_answers else None,
+      "recall_ks": list(recall_ks),  # the records' metrics
+  }
+  for stage in (["generate"] if generate_answers else []) + [retriever]:
+    for fn, names in _PREDICTION_GIN.get(stage, ()):
+      settings.update(_gin_settings(fn, names))
+  return json.loads(json.dumps(settings, default=str))  # tuples -> lists: compares equal to the file's.
+
+
+def settings_differences(old: dict, new: dict) -> dict[str, tuple]:
+  """{setting: (old value, new value)} for each setting that differs (a missing one reads "<unset>")."""
+  return {key: (old.get(key, "<unset>"), new.get(key, "<unset>")) for key in sorted(old.keys() | new.keys())
+          if old.get(key, "<unset>") != new.get(key, "<unset>")}
+
+
+def check_resumable(out: pathlib.Path, settings: dict) -> None:
+  """Raises SettingsMismatch unless `out`'s run_settings.json records exactly `settings`."""
+  how = (f"use a new out_dir, or pass overwrite=True (--gin_bindings='run_evaluation.overwrite = True') to "
+         f"delete {out}'s predictions and summary and start over")
+  path = out / SETTINGS_FILE
+  try:
+    old = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise SettingsMismatch(f"{out}/predictions.jsonl has no {SETTINGS_FILE} (written by an older version): the "
+                           f"settings of those predictions are unknown, so resuming could mix two runs; "
+                           f"{how}") from None
+  except json.JSONDecodeError as e:
+    raise SettingsMismatch(f"{path}: not valid JSON ({e.msg}): the settings of {out}'s predictions are unknown; "
+                           f"{how}") from None
+  differences = settings_differences(old, settings)
+  if differences:
+    listed = "; ".join(f"{key}: {a!r} (predictions) != {b!r} (now)" for key, (a, b) in differences.items())
+    raise SettingsMismatch(f"{out} holds predictions made with other settings ({listed}); resuming would mix two "
+                           f"runs; {how}")
+
+
+def prepare_out_dir(out: pathlib.Path, settings: dict, overwrite: bool) -> None:
+  """Makes `out` hold only predictions made with `settings`, then records them in run_settings.json.
+  Existing predictions are kept when their settings match, deleted with `overwrite`, else refused."""
+  out.mkdir(parents=True, exist_ok=True)
+  predictions = out / "predictions.jsonl"
+  if overwrite:
+    for name in OUTPUT_FILES:
+      (out / name).unlink(missing_ok=True)
+  elif predictions.exists() and predictions.stat().st_size:
+    check_resumable(out, settings)
+  tmp = out / (SETTINGS_FILE + ".tmp")  # a kill mid-write must not leave a torn settings file.
+  tmp.write_text(json.dumps(settings, indent=2) + "\n")
+  os.replace(tmp, out / SETTINGS_FILE)
+
+
 def load_finished(path: pathlib.Path) -> dict[str, dict]:
   """Records already in a predictions file, by id. A torn last line (a killed run) is cut off the file."""
   if not path.exists():
@@ -237,14 +336,15 @@ def run_evaluation(dataset: str = gin.REQUIRED, out_dir: str = gin.REQUIRED, tas
                    n: int = 20, k: int = 5, use_reranker: bool = True, generate_answers: bool = True,
                    chat_format: str = "chatqa", max_new_tokens: int | None = None, limit: int | None = None,
                    offset: int = 0, chunk_size: int = 8, recall_ks: Sequence[int] = (1, 5, 10, 20),
-                   system_name: str | None = None, on_error: str = "raise", show_progress: bool = True,
-                   print_fn=print) -> dict:
+                   system_name: str | None = None, on_error: str = "raise", overwrite: bool = False,
+                   show_progress: bool = True, print_fn=print) -> dict:
   """Runs the pipeline over `dataset[offset:offset+limit]`, resuming from `out_dir`; returns the summary.
 
   Args:
     dataset: dataset JSONL (see the module docstring for the formats); `blend:heldout.jsonl` names the default
       blend's held-out split (`python -m rankrag_jax.data.build` writes it).
-    out_dir: predictions.jsonl, summary.{json,md}, run.json go here; existing predictions are kept and skipped.
+    out_dir: predictions.jsonl, run_settings.json, summary.{json,md}, run.json go here; existing predictions are
+      kept and skipped when made with the same settings (`prediction_settings`), else SettingsMismatch.
     task: "open_domain_qa" (EM/F1), "fever" (accuracy; claim prompts, App. D) or "conversational_qa" (F1/EM).
     checkpoint: the ranker/generator, anything `load_model` reads; not loaded when neither stage needs it.
     corpus: corpus JSONL for "bm25" / "dense" retrieval (`blend:corpus.jsonl`: the default blend's).
@@ -259,6 +359,7 @@ def run_evaluation(dataset: str = gin.REQUIRED, out_dir: str = gin.REQUIRED, tas
     chunk_size: examples per generation batch and per flush of predictions.jsonl.
     recall_ks: the k of Recall@k.
     system_name: the row name in the summary table (default: derived from the settings).
+    overwrite: delete out_dir's predictions, settings and summary first (a fresh run whatever they were).
   """
   dataset, corpus = resolve_path(dataset), resolve_path(corpus)
   if retriever not in RETRIEVERS:
@@ -269,7 +370,8 @@ def run_evaluation(dataset: str = gin.REQUIRED, out_dir: str = gin.REQUIRED, tas
     raise EvalError(f"corpus {corpus}: no such file (needed by retriever={retriever!r})")
   examples = read_eval_dataset(dataset, task, on_error)[offset:None if limit is None else offset + limit]
   out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  prepare_out_dir(out, prediction_settings(dataset, task, checkpoint, corpus, retriever, n, k, use_reranker,
+                                           generate_answers, chat_format, max_new_tokens, recall_ks), overwrite)
   predictions = out / "predictions.jsonl"
   finished = load_finished(predictions)
   todo = [e for e in examples if e["id"] not in finished]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from rankrag_jax import prompts
-from rankrag_jax.data import answers, blend, examples, negatives, readers, wikipedia
+from rankrag_jax import assets, prompts
+from rankrag_jax.data import answers, blend, examples, negatives, readers, sources, wikipedia
 
 ANSWERS = ["Bram Stoker"]
 CORPUS = [
@@ -50,15 +50,14 @@ def test_bm25_negatives_never_contain_an_answer_and_exclude_the_gold():
   assert [h["id"] for h in hits if h in mined] == [p["id"] for p in mined]  # kept in BM25 order.
 
 
-def test_bm25_negatives_on_real_paragraphs(small_blend):
-  index = negatives.Bm25Index(small_blend["corpus"][:1500])
-  heldout = small_blend["heldout"][:40]
-  mined = negatives.mine_bm25_negatives([q["question"] for q in heldout], [q["answers"] for q in heldout], None,
-                                        k=4, gold_ids=[q["gold_passage_id"] for q in heldout], index=index)
+def test_bm25_negatives_on_real_passages(small_blend):
+  index = negatives.Bm25Index(small_blend["corpus"][:3000])
+  questions = _nq_train_questions()[:40]
+  mined = negatives.mine_bm25_negatives([q["question"] for q in questions], [q["answers"] for q in questions], None,
+                                        k=4, index=index)
   assert sum(map(len, mined)) >= 150
-  for question, passages in zip(heldout, mined):
+  for question, passages in zip(questions, mined):
     for passage in passages:
-      assert passage["id"] != question["gold_passage_id"]
       assert not answers.has_answer(passage["title"] + " " + passage["text"], question["answers"])
 
 
@@ -238,6 +237,53 @@ def test_coqa_reader(tmp_path):
   assert rows == [{"id": "d1", "story": "s", "turns": [{"user": "q", "assistant": "a", "rationale": "r"}]}]
 
 
+def _chat_row(user, ideal, system="Instructions."):
+  return {"input": [{"role": "system", "content": system}, {"role": "user", "content": user}], "ideal": ideal}
+
+
+def test_evals_and_nq_source_readers(tmp_path):
+  """The blend's source layouts (evals' chat records, NQ-open's `answer`), with malformed rows named by line."""
+  nq = _write(tmp_path / "nq.jsonl", _lines({"question": "who wrote dracula", "answer": ["Bram Stoker"]},
+                                            {"question": "q", "answer": []}))
+  with pytest.raises(readers.DataError, match=r"nq.jsonl:2: field 'answer'"):
+    list(readers.read_qa_jsonl(nq))
+  assert [r["answers"] for r in readers.read_qa_jsonl(nq, on_error="skip")] == [["Bram Stoker"]]
+
+  squad2 = _write(tmp_path / "squad2.jsonl", _lines(
+      _chat_row("Question: Who?\n Context: Stoker wrote it.", "Solveable"),
+      _chat_row("Question: When?\n Context: Stoker wrote it.", "Unsolveable"),
+      _chat_row("no layout here", "Solveable"), _chat_row("Question: a\n Context: b", "Maybe")))
+  records = sources.read_unsolvable(squad2, on_error="skip")
+  assert [(r["id"], r["question"], r["passage"], r["answerable"]) for r in records] == [
+      ("squad2/001", "Who?", "Stoker wrote it.", True), ("squad2/002", "When?", "Stoker wrote it.", False)]
+  assert records.skipped == 2 and "squad2.jsonl:3: field 'input'" in records.errors[0]
+  assert "squad2.jsonl:4: field 'ideal'" in records.errors[1]
+
+  choice = _write(tmp_path / "logiqa.jsonl", _lines(
+      _chat_row("\nPassage: P one.Question: Which?\nA. A.x\nB. B.y\nC. z\nD. w\nAnswer:", "B"),
+      _chat_row("\nPassage: P.Question: Which?\nA. x\nB. y\nC. z\nD. w\nAnswer:", "E")))
+  with pytest.raises(readers.DataError, match=r"logiqa.jsonl:2: field 'ideal'"):
+    list(sources.read_multiple_choice(choice, "logiqa"))
+  assert list(sources.read_multiple_choice(choice, "logiqa", on_error="skip")) == [
+      {"id": "logiqa/0001", "question": "Which?\nA. x\nB. y\nC. z\nD. w", "passage": "P one.", "answer": "B. y"}]
+
+  few_shot = {"input": [{"role": "system", "content": "Sort."}, {"role": "user", "content": "2,1"},
+                        {"role": "assistant", "content": "1,2"}, {"role": "user", "content": "3,1"}], "ideal": ["1,3"]}
+  chat = _write(tmp_path / "chat.jsonl", _lines(few_shot, {"input": [{"role": "robot", "content": "x"}], "ideal": "y"}))
+  with pytest.raises(readers.DataError, match=r"chat.jsonl:2: field 'input\[0\]'"):
+    list(sources.read_chat_samples(chat, "sort"))
+  assert list(sources.read_chat_samples(chat, "sort", on_error="skip")) == [
+      {"id": "evals/sort/0001", "turns": [{"user": "Sort.\n\n2,1", "assistant": "1,2"},
+                                          {"user": "3,1", "assistant": "1,3"}]}]
+
+  wiki = _write(tmp_path / "summaries.json", json.dumps(
+      {"Alpha": {"title": "Alpha", "extract": " ".join(["w"] * 115)}, "Beta": {"title": "Beta"}}, indent=1))
+  with pytest.raises(readers.DataError, match=r"summaries.json:\d+: field 'Beta.extract'"):
+    list(sources.read_wiki_summaries(wiki))
+  assert [(p["id"], p["title"], len(p["text"].split())) for p in sources.read_wiki_summaries(wiki, on_error="skip")
+          ] == [("wiki_summaries/00000/0", "Alpha", 115)]  # a <20-word tail joins its passage.
+
+
 WIKI_DUMP = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
   <page>
     <title>Alpha</title>
@@ -283,15 +329,18 @@ def test_wikipedia_dump_reader(tmp_path):
 SMALL_SIZES = {name: 24 for name in blend.COMPONENTS}
 
 
+def _read_blend(out_dir, name):
+  return [json.loads(line) for line in (out_dir / name).read_text(encoding="utf-8").splitlines()]
+
+
 @pytest.fixture(scope="module")
 def small_blend(tmp_path_factory):
+  """The real blend from the real (empty-cache-fetched) assets, small sizes; ~20 s (BM25 over 16.6k passages)."""
   out_dir = tmp_path_factory.mktemp("blend")
   manifest = blend.build_default_blend(out_dir, seed=0, sizes=SMALL_SIZES)
-
-  def read(name):
-    return [json.loads(line) for line in (out_dir / name).read_text(encoding="utf-8").splitlines()]
-  return {"dir": out_dir, "manifest": manifest, "corpus": read("corpus.jsonl"), "heldout": read("heldout.jsonl"),
-          "components": {name: read(f"{name}.jsonl") for name in blend.COMPONENTS}}
+  return {"dir": out_dir, "manifest": manifest, "corpus": _read_blend(out_dir, "corpus.jsonl"),
+          "heldout": _read_blend(out_dir, "heldout.jsonl"),
+          "components": {name: _read_blend(out_dir, f"{name}.jsonl") for name in blend.COMPONENTS}}
 
 
 def test_real_build_produces_every_component(small_blend):
@@ -302,30 +351,58 @@ def test_real_build_produces_every_component(small_blend):
     for example in component:
       assert example["component"] == name and example["task"] == blend.COMPONENTS[name][0]
       prompts.render_segments(example)  # every example renders.
-  for example in small_blend["components"]["disfl_qa_ra_qa"] + small_blend["components"]["disfl_qa_ra_ranking"]:
+  for example in small_blend["components"]["nq_ra_qa"] + small_blend["components"]["nq_ra_ranking"]:
     assert len(example["passages"]) == 5
-  assert manifest["corpus"]["disfl_qa_paragraphs"] == 1204 and manifest["corpus"]["enwiki_passages"] > 4000
-  assert manifest["disfl_qa"]["questions"] == 7999  # one of 8,000 has an empty question: counted, not silent.
+  assert manifest["corpus"] == {"count": 16622, "wiki_summaries": 11193, "enwiki": 4429, "evals_wikipedia": 1000}
+  assert manifest["nq_open"]["train_questions"] == 3610 + 1800 and manifest["nq_open"]["heldout_questions"] == 1769
+  assert len(small_blend["heldout"]) == 1769
+  # evals' irrelevant-negative-diversion has one row without an answer (line 136): counted, not silent.
   assert sum(v["count"] for v in manifest["skipped_malformed_rows"].values()) == 1
-  for name in ("disfl_qa_context_ranking", "coqa_conv_ranking", "vitaminc_claim_ranking"):
-    assert manifest["components"][name]["true_fraction"] == 0.5
+  for name in ("nq_context_ranking", "squad2_context_ranking"):
+    assert manifest["components"][name]["true_fraction"] == pytest.approx(0.5, abs=0.13), name
+  refusals = [e for e in small_blend["components"]["nq_squad2_context_qa"]
+              if e["turns"][-1]["assistant"] == prompts.UNANSWERABLE_ANSWER]
+  assert len(refusals) == 6  # unanswerable_fraction 0.25 of 24.
+  sft_sets = {e["id"].split("/")[1] for e in small_blend["components"]["evals_sft"]}
+  assert sft_sets == set(blend.SFT_SETS)  # round robin: 24 records cover all 18 sets.
+  coverage = manifest["bm25_answer_recall"]
+  for split in ("train", "heldout"):
+    recalls = [coverage[split][f"recall@{k}"] for k in blend.COVERAGE_DEPTHS]
+    assert recalls == sorted(recalls) and 0.03 < recalls[0] and recalls[-1] < 0.5, (split, recalls)
 
 
-def test_heldout_questions_and_paragraphs_never_appear_in_training(small_blend):
-  corpus = {p["id"]: p["text"] for p in small_blend["corpus"]}
-  heldout_ids = {q["id"] for q in small_blend["heldout"]}
-  heldout_paragraphs = {corpus[q["gold_passage_id"]] for q in small_blend["heldout"]}
-  assert len(small_blend["heldout"]) > 400
-  for q in small_blend["heldout"]:
-    assert answers.has_answer(corpus[q["gold_passage_id"]], q["answers"])
-  for name, component in small_blend["components"].items():
-    for example in component:
-      assert example["id"].split("/pos")[0].split("/neg")[0] not in heldout_ids, name
-      assert not heldout_paragraphs & set(example["passages"]), name
+def test_nq_positives_contain_an_answer_and_negatives_do_not(small_blend):
+  train = {q["id"]: q for q in _nq_train_questions()}
+  for example in small_blend["components"]["nq_context_ranking"]:
+    question = train[example["id"].rsplit("/", 1)[0]]
+    assert answers.has_answer(example["passages"][0], question["answers"]) == example["label"], example["id"]
+  for example in small_blend["components"]["nq_ra_ranking"]:
+    question = train[example["id"]]
+    assert example["label"] == [i for i, p in enumerate(example["passages"], 1)
+                                if answers.has_answer(p, question["answers"])], example["id"]
 
 
-def test_real_build_is_deterministic(small_blend, tmp_path):
-  again = blend.build_default_blend(tmp_path, seed=0, sizes=SMALL_SIZES)
-  assert again == small_blend["manifest"]
+def _nq_train_questions():
+  root = assets.asset_file("nq_open")
+  return [q for name in blend.NQ_TRAIN_FILES for q in readers.read_qa_jsonl(root / name)]
+
+
+def test_real_build_is_deterministic_and_never_queries_heldout(small_blend, tmp_path, monkeypatch):
+  queries = []
+  search = negatives.Bm25Index.search
+
+  def recording_search(self, questions, k):
+    queries.extend(questions)
+    return search(self, questions, k)
+
+  monkeypatch.setattr(negatives.Bm25Index, "search", recording_search)
+  blend.build_default_blend(tmp_path, seed=0, sizes=SMALL_SIZES, coverage=False)
+  heldout_questions = {q["question"] for q in small_blend["heldout"]}
+  assert len(queries) > 5000 and not heldout_questions & set(queries)  # not even as a BM25 query for negatives.
   for name in [*blend.COMPONENTS, "heldout", "corpus"]:
     assert (tmp_path / f"{name}.jsonl").read_bytes() == (small_blend["dir"] / f"{name}.jsonl").read_bytes(), name
+  heldout_ids = {q["id"] for q in small_blend["heldout"]}
+  for name, component in small_blend["components"].items():
+    for example in component:
+      assert not example["id"].startswith(blend.NQ_HELDOUT_FILE.removesuffix(".jsonl")), name
+      assert example["id"].rsplit("/", 1)[0] not in heldout_ids and example["id"] not in heldout_ids, name

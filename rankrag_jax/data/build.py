@@ -1,14 +1,16 @@
 """Builds the default blend and prints its statistics.
 
     python -m rankrag_jax.data.build --gin_file=gin_configs/data/default_blend.gin \
-        [--gin_bindings="MAX_LENGTH = 4096"] [--gin_bindings="build_default_blend.sizes = {'coqa_conv_qa': 2000}"]
+        [--gin_bindings="MAX_LENGTH = 4096"] [--gin_bindings="build_default_blend.sizes = {'nq_context_ranking': 2000}"]
 
 Writes the blend (`blend.build_default_blend`: `{component}.jsonl`, corpus.jsonl, heldout.jsonl, manifest.json)
 into `register_blend_tasks.data_dir` (default: $RANKRAG_JAX_CACHE/default_blend), then tokenises every example
 exactly as the SeqIO Tasks will (same tokenizer, chat format, max_length and split, all read from the
 `register_blend_tasks` Gin bindings) and prints, per component: examples per split, token-length percentiles before
 truncation (p50/p90/p99/max), how many examples had passages truncated or were dropped at `max_length`, and the
-label balance of ranking components. The statistics are also written to `{data_dir}/stats.json`.
+label balance of ranking components; then the corpus, the NQ question counts and the BM25 answer-Recall@1/5/20/100
+of the training and held-out questions over the corpus (from manifest.json). The statistics are also written to
+`{data_dir}/stats.json`.
 """
 
 import collections
@@ -124,6 +126,28 @@ def format_stats(stats: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def format_sources(manifest: Mapping[str, Any]) -> str:
+  """The corpus, the NQ question counts and the BM25 answer-Recall@k of the QA sets (the retrieval ceiling)."""
+  corpus = manifest["corpus"]
+  lines = ["corpus: " + ", ".join(f"{k} {v}" for k, v in corpus.items() if k != "count") +
+           f" = {corpus['count']} passages"]
+  nq = manifest.get("nq_open", {})
+  if nq:
+    lines.append(f"NQ-open: {nq['train_questions']} training questions, {nq['with_positive_in_bm25_top']} with an "
+                 f"answer passage in the BM25 top {manifest['positive_depth']} (the training questions); "
+                 f"{nq['heldout_questions']} held out (EfficientQA test)")
+  coverage = manifest.get("bm25_answer_recall", {})
+  if coverage:
+    depths = [k for k in next(iter(coverage.values())) if k.startswith("recall@")]
+    lines.append(f"BM25 answer-Recall over the corpus  {'questions':>9s} " + " ".join(f"{d:>10s}" for d in depths))
+    for split, row in coverage.items():
+      lines.append(f"  {split:33s} {row['questions']:9d} " + " ".join(f"{100 * row[d]:9.1f}%" for d in depths))
+  skipped = manifest.get("skipped_malformed_rows", {})
+  if skipped:
+    lines.append("skipped malformed source rows: " + "; ".join(f"{k}: {v['count']}" for k, v in skipped.items()))
+  return "\n".join(lines)
+
+
 def build_and_report(stats_only: bool = False) -> dict[str, Any]:
   """Builds the blend (unless `stats_only`), computes, prints and writes its statistics."""
   settings = blend_settings()
@@ -133,6 +157,9 @@ def build_and_report(stats_only: bool = False) -> dict[str, Any]:
     print(f"built {len(manifest['components'])} components into {data_dir}")
   stats = compute_stats(**settings)
   print(format_stats(stats))
+  manifest_path = data_dir / "manifest.json"
+  if manifest_path.is_file():
+    print(format_sources(json.loads(manifest_path.read_text())))
   (data_dir / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
   print(f"statistics written to {data_dir / STATS_FILE}")
   return stats

@@ -77,7 +77,7 @@ def build_ra_ranking_examples(records: Sequence[dict], *, component: str, seed: 
   return examples
 
 
-def _ranking_example(component, example_id, task, question_turn, passage, relevant, history=()) -> dict:
+def ranking_example(component, example_id, task, question_turn, passage, relevant, history=()) -> dict:
   return prompts.make_example(component=component, example_id=example_id, task=task, passages=[passage],
                               passage_style="single", label=relevant,
                               turns=[*history, {"user": question_turn, "assistant": prompts.ranking_answer(relevant)}])
@@ -89,10 +89,10 @@ def build_context_ranking_examples(records: Sequence[dict], *, component: str, n
   examples = []
   for r in records:
     question_turn = prompts.context_ranking_question(r["question"])
-    examples.append(_ranking_example(component, f"{r['id']}/pos", "context_ranking", question_turn,
+    examples.append(ranking_example(component, f"{r['id']}/pos", "context_ranking", question_turn,
                                      r["gold_passage"], True))
     for j, negative in enumerate(r["negatives"][:negatives_per_question]):
-      examples.append(_ranking_example(component, f"{r['id']}/neg{j}", "context_ranking", question_turn,
+      examples.append(ranking_example(component, f"{r['id']}/neg{j}", "context_ranking", question_turn,
                                        negative, False))
   return examples
 
@@ -139,14 +139,14 @@ def build_conversational_ranking_examples(dialogues: Sequence[dict], *, componen
           if dropped is not None:
             dropped["ambiguous"] += 1
           continue
-        examples.append(_ranking_example(component, f"{d['id']}/turn{t}/chunk{c}", "conv_ranking",
+        examples.append(ranking_example(component, f"{d['id']}/turn{t}/chunk{c}", "conv_ranking",
                                          prompts.context_ranking_question(turn["user"]), chunk, relevant, history))
   return examples
 
 
 def build_claim_ranking_examples(records: Sequence[dict], *, component: str) -> list[dict]:
   """Claim-evidence relevance with the FEVER ranking prompt (App. D); relevant = evidence decides the claim."""
-  return [_ranking_example(component, r["id"], "claim_ranking", prompts.claim_ranking_question(r["claim"]),
+  return [ranking_example(component, r["id"], "claim_ranking", prompts.claim_ranking_question(r["claim"]),
                            r["evidence"], bool(r["relevant"])) for r in records]
 
 

@@ -1,6 +1,8 @@
 """BM25 hard negatives and BM25-retrieved contexts for the Stage-II ranking and RA data (RankRAG §4.2).
 
-BM25 is `bm25s` (Lucene scoring, English stop words); this module only chooses which hits to keep:
+BM25 is the project's one BM25 (`retrieval.bm25`: bm25s, Pyserini's k1/b, English stop words), the same that
+`evaluate.py` retrieves with, so "BM25 hard negative" means the same ranking in training and evaluation. This
+module only chooses which hits to keep:
   * `mine_bm25_negatives`: top hits that contain no answer (SQuAD-normalised, `answers.has_answer`) and are
     not the gold passage: the (q, c-) pairs of context ranking.
   * `retrieve_bm25_contexts`: top hits other than the gold passage, answer-bearing or not: the "BM25
@@ -9,11 +11,11 @@ BM25 is `bm25s` (Lucene scoring, English stop words); this module only chooses w
 
 from typing import Collection, Sequence
 
-import bm25s
 import gin
-import numpy as np
 
 from rankrag_jax.data.answers import has_answer
+from rankrag_jax.retrieval import bm25
+from rankrag_jax.retrieval import corpus as corpus_lib
 
 
 def _searchable_text(passage: dict) -> str:
@@ -21,25 +23,22 @@ def _searchable_text(passage: dict) -> str:
 
 
 class Bm25Index:
-  """A bm25s index over corpus passages `{id, title, text}` (title and text are both indexed)."""
+  """`retrieval.bm25` over corpus passages `{id, title, text}` (indexed as `passage_text(title, text)`)."""
 
   def __init__(self, corpus: Sequence[dict]):
     if not corpus:
       raise ValueError("cannot index an empty corpus")
     self.corpus = list(corpus)
-    self._retriever = bm25s.BM25()
-    self._retriever.index(bm25s.tokenize([_searchable_text(p) for p in self.corpus], stopwords="en",
-                                         show_progress=False), show_progress=False)
+    self._index = bm25.build_bm25_index(corpus_lib.corpus_from_rows(self.corpus, source="BM25 corpus"))
+    self._position = {p["id"]: i for i, p in enumerate(self.corpus)}
 
   def search(self, queries: Sequence[str], k: int) -> list[list[tuple[int, float]]]:
     """Top-k (corpus index, score) per query, best first; hits with score 0 (no shared term) are dropped."""
     if not queries:
       return []
-    k = min(k, len(self.corpus))
-    tokens = bm25s.tokenize(list(queries), stopwords="en", show_progress=False, return_ids=False)
-    indices, scores = self._retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-    return [[(int(i), float(s)) for i, s in zip(row_i, row_s) if s > 0]
-            for row_i, row_s in zip(np.asarray(indices), np.asarray(scores))]
+    ids, scores = bm25.search_bm25(self._index, list(queries), k)
+    return [[(self._position[str(i)], float(s)) for i, s in zip(row_ids, row_scores) if s > 0]
+            for row_ids, row_scores in zip(ids, scores)]
 
 
 def _as_id_set(gold) -> Collection[str]:

@@ -66,7 +66,7 @@ class Records:
 
 
 # ----------------------------------------------------------------------------------------------- fields
-def _text(row: dict, field: str, required: bool = True) -> str:
+def text_field(row: dict, field: str, required: bool = True) -> str:
   value = row.get(field) if isinstance(row, dict) else None
   if value is None:
     if required:
@@ -85,7 +85,7 @@ def _nested_text(row: Any, field: str, where: str, required: bool = True) -> str
   try:
     if not isinstance(row, dict):
       raise RowError(field, "expected an object")
-    return _text(row, field, required)
+    return text_field(row, field, required)
   except RowError as e:
     raise RowError(f"{where}.{e.field}", e.message) from None
 
@@ -110,6 +110,11 @@ def open_text(path):
   return bz2.open(path, "rt", encoding="utf-8") if path.suffix == ".bz2" else open(path, encoding="utf-8")
 
 
+def read_jsonl(path, parse: Callable[[dict, int], dict], on_error: str = "raise") -> Records:
+  """Any JSONL file, one object per line, through `parse(obj, line)` (which raises RowError naming a field)."""
+  return Records(path, _jsonl_rows(path, parse), on_error)
+
+
 def _jsonl_rows(path, parse: Callable[[dict, int], dict]):
   """Row generator over a JSONL file; `parse(obj, line)` may raise RowError."""
   def rows(sink):
@@ -132,7 +137,7 @@ def _jsonl_rows(path, parse: Callable[[dict, int], dict]):
   return rows
 
 
-def _load_json_document(path) -> tuple[Any, "_LineFinder"]:
+def load_json_document(path) -> tuple[Any, "_LineFinder"]:
   with open_text(path) as f:
     text = f.read()
   try:
@@ -179,7 +184,7 @@ def read_squad(path, on_error: str = "raise") -> Records:
   without a non-empty answer is malformed.
   """
   def rows(sink):
-    doc, finder = _load_json_document(path)
+    doc, finder = load_json_document(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
       raise DataError(path, 1, "data", "missing or not a list")
     for a, article in enumerate(doc["data"]):
@@ -191,10 +196,10 @@ def read_squad(path, on_error: str = "raise") -> Records:
           try:
             if not isinstance(qa, dict):
               raise RowError("<qa>", "expected an object")
-            context = _text(paragraph, "context")
+            context = text_field(paragraph, "context")
             impossible = bool(qa.get("is_impossible", False))
             answers = [] if impossible and not qa.get("answers") else _answer_list(qa.get("answers"), "answers")
-            record = {"id": _text(qa, "id"), "title": title, "context": context, "question": _text(qa, "question"),
+            record = {"id": text_field(qa, "id"), "title": title, "context": context, "question": text_field(qa, "question"),
                       "answers": answers, "is_impossible": impossible}
           except RowError as e:
             sink.report(DataError(path, line, f"{where}.{e.field}", e.message))
@@ -205,25 +210,25 @@ def read_squad(path, on_error: str = "raise") -> Records:
 
 # ------------------------------------------------------------------------------------- DPR / FlashRAG
 def read_qa_jsonl(path, on_error: str = "raise") -> Records:
-  """DPR / FlashRAG QA JSONL -> {id, question, answers, ctxs}.
+  """DPR / FlashRAG / NQ-open QA JSONL -> {id, question, answers, ctxs}.
 
-  Answers come from `answers` (DPR) or `golden_answers` (FlashRAG); optional `ctxs` are retrieved passages
+  Answers come from `answers` (DPR), `golden_answers` (FlashRAG) or `answer` (NQ-open, EfficientQA); optional `ctxs` are retrieved passages
   `{id, title, text}` as DPR's retriever writes them. A missing `id` becomes `{file stem}/{line}`.
   """
   stem = pathlib.Path(path).stem
 
   def parse(obj, line):
-    field = "answers" if "answers" in obj else "golden_answers"
+    field = next((f for f in ("answers", "golden_answers", "answer") if f in obj), "answers")
     ctxs = []
     for i, ctx in enumerate(obj.get("ctxs") or []):
       if not isinstance(ctx, dict):
         raise RowError(f"ctxs[{i}]", "expected an object")
       try:
-        ctxs.append({"id": _text(ctx, "id", required=False), "title": _text(ctx, "title", required=False),
-                     "text": _text(ctx, "text")})
+        ctxs.append({"id": text_field(ctx, "id", required=False), "title": text_field(ctx, "title", required=False),
+                     "text": text_field(ctx, "text")})
       except RowError as e:
         raise RowError(f"ctxs[{i}].{e.field}", e.message) from None
-    return {"id": _text(obj, "id", required=False) or f"{stem}/{line}", "question": _text(obj, "question"),
+    return {"id": text_field(obj, "id", required=False) or f"{stem}/{line}", "question": text_field(obj, "question"),
             "answers": _answer_list(obj.get(field), field), "ctxs": ctxs}
   return Records(path, _jsonl_rows(path, parse), on_error)
 
@@ -307,7 +312,7 @@ def read_chatqa_jsonl(path, on_error: str = "raise") -> Records:
       expected = "user" if i % 2 == 0 else "assistant"
       if not isinstance(message, dict) or message.get("role") != expected:
         raise RowError(f"messages[{i}].role", f"expected {expected!r}")
-      content = _text(message, "content")
+      content = text_field(message, "content")
       if expected == "user":
         turns.append({"user": content})
       else:
@@ -315,17 +320,17 @@ def read_chatqa_jsonl(path, on_error: str = "raise") -> Records:
     if not turns or "assistant" not in turns[-1]:
       raise RowError("messages", "no assistant answer")
     if obj.get("ctxs"):
-      passages = [" ".join(filter(None, [_text(c, "title", False), _text(c, "text")])) for c in obj["ctxs"]]
+      passages = [" ".join(filter(None, [text_field(c, "title", False), text_field(c, "text")])) for c in obj["ctxs"]]
     else:
-      passages = [_text(obj, "document")]
-    return {"id": _text(obj, "id", required=False) or f"{stem}/{line}", "turns": turns, "passages": passages}
+      passages = [text_field(obj, "document")]
+    return {"id": text_field(obj, "id", required=False) or f"{stem}/{line}", "turns": turns, "passages": passages}
   return Records(path, _jsonl_rows(path, parse), on_error)
 
 
 # ----------------------------------------------------------------------------------------------- BIG-bench
 def read_bigbench_task_info(path) -> dict:
   """A BIG-bench task.json's metadata (name, description, task_prefix, ...), without its examples."""
-  doc, _ = _load_json_document(path)
+  doc, _ = load_json_document(path)
   return {k: v for k, v in doc.items() if k != "examples"}
 
 
@@ -335,7 +340,7 @@ def read_bigbench_task(path, on_error: str = "raise") -> Records:
   An example needs a non-empty `input` and either a non-empty `target` (string or list) or `target_scores`.
   """
   def rows(sink):
-    doc, finder = _load_json_document(path)
+    doc, finder = load_json_document(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("examples"), list):
       raise DataError(path, 1, "examples", "missing or not a list")
     name = doc.get("name") or pathlib.Path(path).parent.name
@@ -351,7 +356,7 @@ def read_bigbench_task(path, on_error: str = "raise") -> Records:
           targets = _answer_list(example.get("target"), "target")
         else:
           targets = []
-        record = {"id": f"{name}/{i}", "line": line, "input": _text(example, "input"), "targets": targets,
+        record = {"id": f"{name}/{i}", "line": line, "input": text_field(example, "input"), "targets": targets,
                   "target_scores": scores}
       except RowError as e:
         sink.report(DataError(path, line, f"examples[{i}].{e.field}", e.message))
@@ -364,7 +369,7 @@ def read_bigbench_task(path, on_error: str = "raise") -> Records:
 def read_coqa(path, on_error: str = "raise") -> Records:
   """CoQA JSON -> {id, story, turns: [{user, assistant, rationale}]} per dialogue."""
   def rows(sink):
-    doc, finder = _load_json_document(path)
+    doc, finder = load_json_document(path)
     for d, dialogue in enumerate(doc.get("data", []) if isinstance(doc, dict) else []):
       line = finder.line_of(dialogue.get("story") if isinstance(dialogue, dict) else None)
       try:
@@ -378,7 +383,7 @@ def read_coqa(path, on_error: str = "raise") -> Records:
           turns.append({"user": _nested_text(question, "input_text", f"questions[{t}]"),
                         "assistant": _nested_text(answer, "input_text", f"answers[{t}]"),
                         "rationale": _nested_text(answer, "span_text", f"answers[{t}]", required=False)})
-        record = {"id": _text(dialogue, "id"), "story": _text(dialogue, "story"), "turns": turns}
+        record = {"id": text_field(dialogue, "id"), "story": text_field(dialogue, "story"), "turns": turns}
       except RowError as e:
         sink.report(DataError(path, line, f"data[{d}].{e.field}", e.message))
         continue
