@@ -1,4 +1,5 @@
 """Shared test setup: CPU-only JAX, f32 matmuls at full precision, and the real assets from the cache."""
+import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -7,5 +8,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_rag_model():
+  """`make(window)`: a random tiny Llama over SmolLM2's real tokenizer (built once per window): fast, and every
+  stage of the pipeline runs on it."""
+  from rankrag_jax import assets, rag  # pylint: disable=g-import-not-at-top
+  from rankrag_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from rankrag_jax.model import config as config_lib, llama  # pylint: disable=g-import-not-at-top
+
+  @functools.cache
+  def make(max_position_embeddings: int = 256) -> "rag.RagModel":
+    tok = tokenizer_lib.load_tokenizer(assets.asset_file("smollm2_135m_instruct"))
+    config = config_lib.tiny(vocab_size=tok.vocab_size, max_position_embeddings=max_position_embeddings)
+    params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(0))
+    return rag.RagModel(config, params, tok)
+  return make

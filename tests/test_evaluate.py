@@ -7,15 +7,11 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import pytest
 
-from rankrag_jax import assets, evaluate, rag
-from rankrag_jax import tokenizer as tokenizer_lib
+from rankrag_jax import evaluate, rag
 from rankrag_jax.data import answers, readers
 from rankrag_jax.retrieval import corpus as corpus_lib
-from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import llama
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = [{"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."},
@@ -35,12 +31,9 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-  """A random tiny Llama over SmolLM2's real tokenizer: fast, and exercises every stage of the pipeline."""
-  tok = tokenizer_lib.load_tokenizer(assets.asset_file("smollm2_135m_instruct"))
-  config = config_lib.tiny(vocab_size=tok.vocab_size, max_position_embeddings=256)
-  params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(0))
-  return rag.RagModel(config, params, tok)
+def tiny_model(make_tiny_rag_model):
+  """The shared random tiny model (conftest.py): fast, and every stage of the pipeline runs on it."""
+  return make_tiny_rag_model(256)
 
 
 # ------------------------------------------------------------------------------------------------- metrics

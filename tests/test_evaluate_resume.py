@@ -9,13 +9,9 @@ import subprocess
 import sys
 
 import gin
-import jax
 import pytest
 
-from rankrag_jax import assets, evaluate, rag
-from rankrag_jax import tokenizer as tokenizer_lib
-from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import llama
+from rankrag_jax import eval_outputs, evaluate, rag
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = [{"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France."},
@@ -35,12 +31,9 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-  """A random tiny Llama over SmolLM2's real tokenizer (as in test_evaluate.py): fast, every stage runs."""
-  tok = tokenizer_lib.load_tokenizer(assets.asset_file("smollm2_135m_instruct"))
-  config = config_lib.tiny(vocab_size=tok.vocab_size, max_position_embeddings=256)
-  params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(0))
-  return rag.RagModel(config, params, tok)
+def tiny_model(make_tiny_rag_model):
+  """The shared random tiny model (conftest.py): fast, and every stage of the pipeline runs on it."""
+  return make_tiny_rag_model(256)
 
 
 @pytest.fixture
@@ -58,30 +51,30 @@ def lines(path):
 
 # ------------------------------------------------------------------------------------------------ settings
 def test_prediction_settings_change_with_what_changes_a_prediction():
-  base = evaluate.prediction_settings(**SETTINGS)
+  base = eval_outputs.prediction_settings(**SETTINGS)
   assert base["checkpoint"] == "smollm2_135m_instruct" and base["recall_ks"] == [1, 3]
   assert base["dataset"] == os.path.abspath("d.jsonl") and base["generate.temperature"] == 0.0
   changes = dict(dataset="e.jsonl", task="fever", checkpoint="other", corpus="e.jsonl", n=4, k=3,
                  use_reranker=False, chat_format="chat_template", max_new_tokens=7, recall_ks=(1,))
   for name, value in changes.items():
-    assert evaluate.prediction_settings(**{**SETTINGS, name: value}) != base, name
+    assert eval_outputs.prediction_settings(**{**SETTINGS, name: value}) != base, name
   # The default budget is resolved, so None and the task's default (32) are the same setting.
-  assert evaluate.prediction_settings(**{**SETTINGS, "max_new_tokens": None})["max_new_tokens"] == 32
+  assert eval_outputs.prediction_settings(**{**SETTINGS, "max_new_tokens": None})["max_new_tokens"] == 32
   # A setting the run does not use is None: a retriever-only run does not care about the checkpoint or K.
   ranking_only = {**SETTINGS, "use_reranker": False, "generate_answers": False}
-  assert (evaluate.prediction_settings(**ranking_only)
-          == evaluate.prediction_settings(**{**ranking_only, "checkpoint": "other", "k": 9, "max_new_tokens": 5}))
+  assert (eval_outputs.prediction_settings(**ranking_only)
+          == eval_outputs.prediction_settings(**{**ranking_only, "checkpoint": "other", "k": 9, "max_new_tokens": 5}))
   # Gin bindings that change a prediction elsewhere (decoding, BM25) count too.
   gin.bind_parameter("rankrag_jax.generate.generate.temperature", 0.7)
   try:
-    assert evaluate.prediction_settings(**SETTINGS)["generate.temperature"] == 0.7
+    assert eval_outputs.prediction_settings(**SETTINGS)["generate.temperature"] == 0.7
   finally:
     gin.clear_config()
 
 
 def test_settings_differences_name_old_and_new_values():
-  assert evaluate.settings_differences({"n": 20, "k": 5}, {"n": 20, "k": 5}) == {}
-  assert evaluate.settings_differences({"n": 20, "k": 5}, {"n": 10, "k": 5, "x": 1}) == {
+  assert eval_outputs.settings_differences({"n": 20, "k": 5}, {"n": 20, "k": 5}) == {}
+  assert eval_outputs.settings_differences({"n": 20, "k": 5}, {"n": 10, "k": 5, "x": 1}) == {
       "n": (20, 10), "x": ("<unset>", 1)}
 
 
@@ -110,7 +103,7 @@ def test_same_settings_resume_and_other_checkpoint_n_or_k_refuse(tmp_path, files
                                                            r"!= 'other_model' \(now\)"),
                           (dict(n=2), r"n: 3 \(predictions\) != 2 \(now\)"),
                           (dict(k=1), r"k: 2 \(predictions\) != 1 \(now\)")]:
-    with pytest.raises(evaluate.SettingsMismatch, match=pattern) as error:
+    with pytest.raises(eval_outputs.SettingsMismatch, match=pattern) as error:
       run(**change)
     message = str(error.value)
     assert str(out) in message and "new out_dir" in message and "overwrite=True" in message
@@ -127,7 +120,7 @@ def test_overwrite_replaces_the_old_predictions(tmp_path, files, monkeypatch):
                           print_fn=lambda *_: None)
   run(n=3)
   assert [len(r["ranked"]) for r in lines(out / "predictions.jsonl")] == [3, 3]
-  with pytest.raises(evaluate.SettingsMismatch, match=r"n: 3 \(predictions\) != 2 \(now\)"):
+  with pytest.raises(eval_outputs.SettingsMismatch, match=r"n: 3 \(predictions\) != 2 \(now\)"):
     run(n=2, limit=1)
   summary = run(n=2, limit=1, overwrite=True)
   records = lines(out / "predictions.jsonl")
@@ -146,11 +139,11 @@ def test_predictions_without_settings_refuse(tmp_path, files, monkeypatch):
   run()
   (out / "run_settings.json").unlink()  # as an older version left them
   old = (out / "predictions.jsonl").read_bytes()
-  with pytest.raises(evaluate.SettingsMismatch, match=r"settings of those predictions are unknown.*overwrite=True"):
+  with pytest.raises(eval_outputs.SettingsMismatch, match=r"settings of those predictions are unknown.*overwrite=True"):
     run()
   assert (out / "predictions.jsonl").read_bytes() == old and not (out / "run_settings.json").exists()
   (out / "run_settings.json").write_text("{not json")
-  with pytest.raises(evaluate.SettingsMismatch, match=r"not valid JSON"):
+  with pytest.raises(eval_outputs.SettingsMismatch, match=r"not valid JSON"):
     run()
   assert run(overwrite=True)["examples"] == 2 and (out / "run_settings.json").exists()
 

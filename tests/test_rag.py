@@ -1,6 +1,5 @@
 """The `rag` command: clear one-line errors for bad inputs, the pipeline's bookkeeping, and a real SmolLM2 run."""
 
-import functools
 import json
 import os
 import pathlib
@@ -8,14 +7,10 @@ import random
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from rankrag_jax import assets, prompts, rag, rerank
-from rankrag_jax import tokenizer as tokenizer_lib
-from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import llama
 from rankrag_jax.retrieval import corpus as corpus_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,12 +36,9 @@ def run_command(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_rag_model():
+def tiny_rag_model(make_tiny_rag_model):
   """A random tiny Llama over SmolLM2's real tokenizer, with a 192-token window (so long passages get cut)."""
-  tok = tokenizer_lib.load_tokenizer(assets.asset_file("smollm2_135m_instruct"))
-  config = config_lib.tiny(vocab_size=tok.vocab_size, max_position_embeddings=192)
-  params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(0))
-  return rag.RagModel(config, params, tok)
+  return make_tiny_rag_model(192)
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

@@ -31,7 +31,7 @@ def ensure_blend() -> pathlib.Path:
   with assets.exclusive_lock(directory.parent / f".{directory.name}.lock"):
     if not (directory / "manifest.json").is_file():
       logging.info("building the default blend into %s (one-off)", directory)
-      print(f"Building the embedded default blend into {directory} (one-off, a few minutes) ...", flush=True)
+      print(f"Building the embedded default blend into {directory} (one-off, about a minute) ...", flush=True)
       blend.build_default_blend(directory)
   return directory
 
