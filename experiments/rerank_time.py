@@ -43,7 +43,7 @@ def main():
         candidates = evaluate.retrieve([example], corpus, search, n)[0]
         retrieve_s = time.perf_counter() - start
         start = time.perf_counter()
-        ranked, _ = evaluate.rerank_candidates(model, example, candidates, "open_domain_qa", "chatqa")
+        [(ranked, _)] = evaluate.rerank_candidates(model, [example], [candidates], "open_domain_qa", "chatqa")
         rerank_s = time.perf_counter() - start
         ids, _ = rag.generation_prompt(model, example["question"], [c["text"] for c in ranked[:5]],
                                        "open_domain_qa", "chatqa", 32)

@@ -127,15 +127,22 @@ def _passage_texts(corpus, ids) -> list[str]:
   return corpus.passages_by_id([str(i) for i in ids])
 
 
+def rank_questions(model: RagModel, items: Sequence[tuple[str, Sequence[str]]], task: str = "open_domain_qa",
+                   chat_format: str = "chatqa", max_prompt_tokens: int | None = None
+                   ) -> list[tuple[np.ndarray, rerank.PassageScores]]:
+  """The rerank stage for several (question, passages) items in one scoring pass: per item, the passage indices
+  by P("True"), best first, and the scores (in the given order). The sort is stable: ties keep the retriever's
+  order."""
+  scores = rerank.score_questions(model.params, model.config, model.tokenizer, items, chat_format=chat_format,
+                                  claim=task == "fever", max_prompt_tokens=max_prompt_tokens, mesh=model.mesh)
+  return [(np.argsort(-s.p_true, kind="stable"), s) for s in scores]
+
+
 def rank_passages(model: RagModel, question: str, passages: Sequence[str], task: str = "open_domain_qa",
                   chat_format: str = "chatqa", max_prompt_tokens: int | None = None
                   ) -> tuple[np.ndarray, rerank.PassageScores]:
-  """The rerank stage: passage indices by P("True"), best first, and the scores (in the given order).
-  The sort is stable, so ties keep the retriever's order."""
-  scores = rerank.score_passages(model.params, model.config, model.tokenizer, question, passages,
-                                 chat_format=chat_format, claim=task == "fever", max_prompt_tokens=max_prompt_tokens,
-                                 mesh=model.mesh)
-  return np.argsort(-scores.p_true, kind="stable"), scores
+  """`rank_questions` for one question."""
+  return rank_questions(model, [(question, passages)], task, chat_format, max_prompt_tokens)[0]
 
 
 def generation_prompt(model: RagModel, question: str, passages: Sequence[str], task: str = "open_domain_qa",

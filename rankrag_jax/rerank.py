@@ -12,7 +12,6 @@ log-sum-exp over the full vocabulary row so that P("True") is the model's actual
 
 import dataclasses
 import functools
-import math
 from typing import Callable, Sequence
 
 import gin
@@ -229,43 +228,65 @@ def fit_passages_to_window(render: Callable[[Sequence[str]], str], tokenizer, pa
     excess += len(ids) - max_tokens
 
 
-@gin.configurable(denylist=["params", "config", "tokenizer", "question", "passages", "mesh"])
-def score_passages(params: dict, config: LlamaConfig, tokenizer, question: str, passages: Sequence[str],
-                   chat_format: str = "chatqa", claim: bool = False, max_prompt_tokens: int | None = None,
-                   mesh: Mesh | None = None) -> PassageScores:
-  """RankRAG relevance of each passage to `question`: P("True") after the paper's context-ranking prompt.
+@gin.configurable(denylist=["params", "config", "tokenizer", "items", "mesh"])
+def score_questions(params: dict, config: LlamaConfig, tokenizer, items: Sequence[tuple[str, Sequence[str]]],
+                    chat_format: str = "chatqa", claim: bool = False, max_prompt_tokens: int | None = None,
+                    mesh: Mesh | None = None) -> list[PassageScores]:
+  """RankRAG relevance of each passage to its question: P("True") after the paper's context-ranking prompt.
+
+  Several questions' passages are scored in one `score_token_sequences` call: every prompt starts with the same
+  system turn and "Passage:", so they share one prefix and fill length-sorted batches across questions (one
+  question's 20 passages alone leave batches part-empty).
 
   Args:
     params, config: the model.
     tokenizer: the model's tokenizer (rankrag_jax.tokenizer interface).
-    question: the question (or FEVER claim when `claim`).
-    passages: passage texts (as `retrieval.corpus.passage_text` shows them).
+    items: (question, passages) pairs; a question is a FEVER claim when `claim`; passages as
+      `retrieval.corpus.passage_text` shows them.
     chat_format: "chatqa" (the paper's plain text) or "chat_template" (the model's own); see prompts.py.
     claim: use the FEVER claim-ranking prompt (App. D).
     max_prompt_tokens: the context window (default: the model's max_position_embeddings); a longer prompt has
       its passage's tail cut, and is counted in `num_truncated`.
     mesh: split batches over this mesh's data axes.
+
+  Returns:
+    One `PassageScores` per item, its passages in the given order.
   """
-  if not question or not question.strip():
-    raise ValueError("score_passages: the question is empty")
-  if any(not p or not p.strip() for p in passages):
-    raise ValueError("score_passages: a passage is empty")
-  question = question.strip()
   max_prompt_tokens = max_prompt_tokens or config.max_position_embeddings
   make = prompts.claim_ranking_prompt_example if claim else prompts.ranking_prompt_example
+  sequences, truncated, sizes = [], [], []
+  for question, passages in items:
+    if not question or not question.strip():
+      raise ValueError("score_passages: the question is empty")
+    if any(not p or not p.strip() for p in passages):
+      raise ValueError(f"score_passages: a passage is empty (question {question!r})")
+    question = question.strip()
 
-  def render(one_passage):
-    return prompts.render_prompt(make(question, one_passage[0]), chat_format, tokenizer)
+    def render(one_passage, question=question):
+      return prompts.render_prompt(make(question, one_passage[0]), chat_format, tokenizer)
 
-  sequences, num_truncated = [], 0
-  for passage in passages:
-    ids, cut = fit_passages_to_window(render, tokenizer, [passage], max_prompt_tokens)
-    sequences.append(ids)
-    num_truncated += cut
+    for passage in passages:
+      ids, cut = fit_passages_to_window(render, tokenizer, [passage], max_prompt_tokens)
+      sequences.append(ids)
+      truncated.append(cut)
+    sizes.append(len(passages))
   true_id, false_id = prompts.true_false_token_ids(tokenizer, chat_format)
   log_probs = score_token_sequences(params, config, sequences, (true_id, false_id), mesh=mesh)
-  p_true = np.exp(log_probs[:, 0])
-  # P(T)/(P(T)+P(F)) from log-probs without underflow: the sigmoid of the log-odds.
-  normalised = 1.0 / (1.0 + np.exp(log_probs[:, 1] - log_probs[:, 0]))
-  return PassageScores(p_true=p_true, p_true_normalised=normalised, num_truncated=num_truncated,
-                       prompt_lengths=np.asarray([len(s) for s in sequences], np.int32))
+  results, start = [], 0
+  for size in sizes:
+    rows = slice(start, start + size)
+    start += size
+    # P(T)/(P(T)+P(F)) from log-probs without underflow: the sigmoid of the log-odds.
+    results.append(PassageScores(
+        p_true=np.exp(log_probs[rows, 0]), p_true_normalised=1.0 / (1.0 + np.exp(log_probs[rows, 1] -
+                                                                                log_probs[rows, 0])),
+        num_truncated=int(sum(truncated[rows])),
+        prompt_lengths=np.asarray([len(s) for s in sequences[rows]], np.int32)))
+  return results
+
+
+def score_passages(params: dict, config: LlamaConfig, tokenizer, question: str, passages: Sequence[str],
+                   **options) -> PassageScores:
+  """`score_questions` for one question: P("True") of each passage (options: chat_format, claim,
+  max_prompt_tokens, mesh)."""
+  return score_questions(params, config, tokenizer, [(question, passages)], **options)[0]

@@ -116,7 +116,8 @@ def test_resume_skips_finished_ids_and_repairs_a_torn_line(tmp_path, tiny_model,
   scored = []
   real_rerank = evaluate.rerank_candidates
   monkeypatch.setattr(evaluate, "rerank_candidates",
-                      lambda model, example, *a: scored.append(example["id"]) or real_rerank(model, example, *a))
+                      lambda model, examples, *a: scored.extend(e["id"] for e in examples) or real_rerank(model, examples,
+                                                                                                       *a))
   dataset = write_jsonl(tmp_path / "d.jsonl", QUESTIONS)
   corpus = write_jsonl(tmp_path / "c.jsonl", CORPUS)
   out = tmp_path / "out"

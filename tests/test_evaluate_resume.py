@@ -84,7 +84,8 @@ def test_same_settings_resume_and_other_checkpoint_n_or_k_refuse(tmp_path, files
   scored = []
   real_rerank = evaluate.rerank_candidates
   monkeypatch.setattr(evaluate, "rerank_candidates",
-                      lambda model, example, *a: scored.append(example["id"]) or real_rerank(model, example, *a))
+                      lambda model, examples, *a: scored.extend(e["id"] for e in examples) or real_rerank(model, examples,
+                                                                                                       *a))
   dataset, corpus = files
   out = tmp_path / "out"
   run = functools.partial(evaluate.run_evaluation, dataset=dataset, corpus=corpus, out_dir=str(out), n=3, k=2,

@@ -101,17 +101,17 @@ def test_fever_uses_the_claim_prompts_and_an_8_token_budget(tiny_rag_model, monk
   corpus = corpus_lib.corpus_from_rows(ROWS)
   seen = {}
 
-  def fake_scores(params, config, tokenizer, question, passages, **kwargs):
+  def fake_scores(params, config, tokenizer, items, **kwargs):
     seen["claim"] = kwargs["claim"]
-    p = np.linspace(0.9, 0.1, len(passages))
-    return rerank.PassageScores(p, p, 0, np.zeros(len(passages), np.int32))
+    return [rerank.PassageScores(np.linspace(0.9, 0.1, len(ps)), np.linspace(0.9, 0.1, len(ps)), 0,
+                                 np.zeros(len(ps), np.int32)) for _, ps in items]
 
   def fake_generate(params, config, prompt_ids, max_new_tokens, stop_ids, **kwargs):
     seen["prompt"] = tiny_rag_model.tokenizer.decode(prompt_ids[0])
     seen["max_new_tokens"] = max_new_tokens
     return [[] for _ in prompt_ids]
 
-  monkeypatch.setattr(rag.rerank, "score_passages", fake_scores)
+  monkeypatch.setattr(rag.rerank, "score_questions", fake_scores)
   monkeypatch.setattr(rag, "generate", fake_generate)
   rag.answer_questions(tiny_rag_model, corpus, rag.build_search(corpus, "bm25"),
                        [{"question": "Paris is the capital of France."}], n=2, k=2, task="fever")

@@ -146,6 +146,26 @@ def test_score_passages_renders_the_papers_prompt_and_counts_truncation(smollm2_
   np.testing.assert_array_equal(scores.prompt_lengths[:4], [len(s) for s in sequences])
 
 
+def test_several_questions_in_one_pass_score_as_each_alone(smollm2_tokenizer):
+  """score_questions batches questions' passages together (the evaluation harness's rate): each question's
+  scores, truncation count and order are those of its own score_passages call."""
+  tok = smollm2_tokenizer
+  config = config_lib.tiny(vocab_size=tok.vocab_size, max_position_embeddings=160)
+  params = jax.jit(functools.partial(llama.init_params, config))(jax.random.key(1))
+  long_passage = " ".join(["The river flows north through the old town and past the mill."] * 40)
+  items = [(QUESTION, PASSAGES), ("Where does the river flow?", [long_passage, PASSAGES[1]]),
+           ("Who built the mill?", PASSAGES[2:])]
+  together = rerank.score_questions(params, config, tok, items)
+  assert [len(s.p_true) for s in together] == [len(ps) for _, ps in items]
+  for (question, passages), got in zip(items, together):
+    alone = rerank.score_passages(params, config, tok, question, passages)
+    np.testing.assert_allclose(got.p_true, alone.p_true, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got.p_true_normalised, alone.p_true_normalised, atol=1e-6, rtol=0)
+    assert got.num_truncated == alone.num_truncated
+    np.testing.assert_array_equal(got.prompt_lengths, alone.prompt_lengths)
+  assert together[1].num_truncated == 1 and together[0].num_truncated == 0
+
+
 def test_empty_question_or_passage_is_a_clear_error(tiny_model, smollm2_tokenizer):
   config, params = tiny_model
   with pytest.raises(ValueError, match="question is empty"):

@@ -92,7 +92,7 @@ def _round_robin(lists, size):
   return chosen
 
 
-def _label_stats(component_examples):
+def label_stats(component_examples):
   labels = [e["label"] for e in component_examples]
   if labels and all(isinstance(label, bool) for label in labels):
     return {"true_fraction": round(sum(labels) / len(labels), 4)}
@@ -119,7 +119,7 @@ def _text(passage: dict) -> str:
   return passage_text(passage["title"], passage["text"])
 
 
-def _with_positives(questions, index, depth) -> list[dict]:
+def with_positives(questions, index, depth) -> list[dict]:
   """Questions whose BM25 top `depth` holds an answer-bearing passage; that best-ranked passage is the gold."""
   kept = []
   for q, row in zip(questions, index.search([q["question"] for q in questions], depth)):
@@ -246,7 +246,7 @@ def build_default_blend(out_dir, seed: int = 0, sizes: dict | None = None, unans
   nq_train = [q for q in nq if " ".join(q["question"].lower().split()) not in heldout_questions]
 
   index = negatives.Bm25Index(corpus)
-  train = _with_positives(nq_train, index, positive_depth)  # held-out questions are never queried here.
+  train = with_positives(nq_train, index, positive_depth)  # held-out questions are never queried here.
   components = _nq_components(train, index, sizes, seed, rng, context_ranking_negatives, stats)
   squad2 = sources.read_all(sources.read_unsolvable(evals_root / EVALS_FILES["squad2"], on_error), skipped)
   components["nq_squad2_context_qa"] = _context_qa(train, squad2, sizes["nq_squad2_context_qa"],
@@ -269,7 +269,7 @@ def build_default_blend(out_dir, seed: int = 0, sizes: dict | None = None, unans
       "seed": seed, "sizes_requested": sizes, "positive_depth": positive_depth,
       "components": {name: {"count": readers.write_jsonl(out_dir / f"{name}.jsonl", components[name]),
                             "task": COMPONENTS[name][0], "source": COMPONENTS[name][1],
-                            "paper_blend_entry": COMPONENTS[name][2], **_label_stats(components[name])}
+                            "paper_blend_entry": COMPONENTS[name][2], **label_stats(components[name])}
                      for name in COMPONENTS},
       "corpus": {"count": len(corpus), **corpus_counts},
       "nq_open": {"train_questions": len(nq), "dropped_as_heldout_duplicates": len(nq) - len(nq_train),

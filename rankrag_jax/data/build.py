@@ -1,7 +1,10 @@
-"""Builds the default blend and prints its statistics.
+"""Builds a blend (the embedded default one, or the paper's: gin_configs/data/paper_blend.gin) and prints its statistics.
 
     python -m rankrag_jax.data.build --gin_file=gin_configs/data/default_blend.gin \
         [--gin_bindings="MAX_LENGTH = 4096"] [--gin_bindings="build_default_blend.sizes = {'nq_context_ranking': 2000}"]
+    python -m rankrag_jax.data.build --gin_file=gin_configs/data/paper_blend.gin --gin_bindings="DROP_PATH = '...'" ...
+
+Which blend: `build_blend.builder` (Gin; default `blend.build_default_blend`).
 
 Writes the blend (`blend.build_default_blend`: `{component}.jsonl`, corpus.jsonl, heldout.jsonl, manifest.json)
 into `register_blend_tasks.data_dir` (default: $RANKRAG_JAX_CACHE/default_blend), then tokenises every example
@@ -17,7 +20,7 @@ import collections
 import inspect
 import json
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -91,7 +94,7 @@ def compute_stats(data_dir: str, tokenizer_path: str, chat_format: str, max_leng
   """Tokenises every component of `data_dir` as the SeqIO Tasks do; returns the statistics."""
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   data_dir = pathlib.Path(data_dir)
-  components = {c: tasks.read_examples(data_dir / f"{c}.jsonl") for c in tasks.blend_components(str(data_dir))}
+  components = {c: tasks.read_component(data_dir, c) for c in tasks.blend_components(str(data_dir))}
   with tqdm.tqdm(total=sum(map(len, components.values())), desc="tokenising", unit="ex") as progress:
     per_component = {c: component_stats(examples, tokenizer, max_length, chat_format, validation_fraction, progress)
                      for c, examples in components.items()}
@@ -148,12 +151,19 @@ def format_sources(manifest: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+@gin.configurable
+def build_blend(out_dir, builder: Callable[[Any], Mapping[str, Any]] | None = None) -> Mapping[str, Any]:
+  """Builds a blend into `out_dir` with `builder` (Gin: `build_blend.builder = @build_paper_blend`); returns its
+  manifest. None -> `blend.build_default_blend` (looked up at call time), the embedded default blend."""
+  return (builder or blend.build_default_blend)(out_dir)
+
+
 def build_and_report(stats_only: bool = False) -> dict[str, Any]:
   """Builds the blend (unless `stats_only`), computes, prints and writes its statistics."""
   settings = blend_settings()
   data_dir = pathlib.Path(settings["data_dir"])
   if not stats_only:
-    manifest = blend.build_default_blend(data_dir)  # sizes, seed, ...: Gin (build_default_blend.*).
+    manifest = build_blend(data_dir)  # which blend, sizes, seed, paths: Gin (build_blend.*, build_*_blend.*).
     print(f"built {len(manifest['components'])} components into {data_dir}")
   stats = compute_stats(**settings)
   print(format_stats(stats))

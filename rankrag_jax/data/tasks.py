@@ -41,6 +41,9 @@ SPLITS = ("train", "validation")
 NON_COMPONENT_FILES = frozenset({"corpus.jsonl", "heldout.jsonl"})
 DEFAULT_TOKENIZER_ASSET = "smollm2_135m_instruct"
 DEFAULT_BLEND_SUBDIR = "default_blend"
+# A component larger than one file is `{component}.shard-00000.jsonl`, `...-00001.jsonl`, ... (read in order).
+SHARD_NAME = "{component}.shard-{index:05d}.jsonl"
+_SHARD_SUFFIX_RE = re.compile(r"\.shard-\d{5}$")
 _EXAMPLE_SUFFIX_RE = re.compile(r"(/(pos|neg\d+|turn\d+|chunk\d+))+$")
 
 
@@ -115,12 +118,26 @@ def _packed_rows(rows: Sequence[np.ndarray]) -> tuple[tf.Tensor, tf.Tensor]:
   return tf.constant(values), tf.constant(offsets)
 
 
-def component_dataset(split: str, shuffle_files: bool, seed: Optional[int] = None, *, path: str,
+def component_files(data_dir, component: str, missing_ok: bool = False) -> list[pathlib.Path]:
+  """A component's files: `{component}.jsonl`, else its shards (SHARD_NAME) in order."""
+  data_dir = pathlib.Path(data_dir)
+  single = data_dir / f"{component}.jsonl"
+  files = [single] if single.is_file() else sorted(data_dir.glob(f"{component}.shard-[0-9][0-9][0-9][0-9][0-9].jsonl"))
+  if not files and not missing_ok:
+    raise FileNotFoundError(f"{data_dir}: no {component}.jsonl or {component}.shard-NNNNN.jsonl")
+  return files
+
+
+def read_component(data_dir, component: str) -> list[dict[str, Any]]:
+  """Every Example of a component, over its shards."""
+  return [ex for path in component_files(data_dir, component) for ex in read_examples(path)]
+
+
+def component_dataset(split: str, shuffle_files: bool, seed: Optional[int] = None, *, data_dir: str, component: str,
                       vocabulary: vocabulary_lib.RankRAGVocabulary, chat_format: str, max_length: int,
                       validation_fraction: float) -> tf.data.Dataset:
   """`seqio.FunctionDataSource` dataset_fn: one component's split, tokenised, as {inputs, targets, component}."""
-  component = pathlib.Path(path).stem
-  examples = [ex for ex in read_examples(pathlib.Path(path)) if split_of(ex, validation_fraction) == split]
+  examples = [ex for ex in read_component(data_dir, component) if split_of(ex, validation_fraction) == split]
   tokenized, _ = tokenize_component(examples, vocabulary.tokenizer, max_length, chat_format, component)
   if shuffle_files:  # a full permutation here; the Task's shuffle buffer then mixes across epochs.
     order = np.random.default_rng(seed).permutation(len(tokenized))
@@ -145,7 +162,7 @@ def blend_components(data_dir: str) -> list[str]:
     listed = json.loads(manifest.read_text()).get("components")
     if listed:
       return sorted(listed)
-  return sorted(p.stem for p in data_dir.glob("*.jsonl") if p.name not in NON_COMPONENT_FILES)
+  return sorted({_SHARD_SUFFIX_RE.sub("", p.stem) for p in data_dir.glob("*.jsonl") if p.name not in NON_COMPONENT_FILES})
 
 
 @gin.configurable
@@ -178,7 +195,7 @@ def register_blend_tasks(data_dir: Optional[str] = None, tokenizer_path: Optiona
     name = task_name(component)
     seqio.TaskRegistry.remove(name)
     dataset_fn = functools.partial(
-        component_dataset, path=str(data_dir / f"{component}.jsonl"), vocabulary=vocabulary,
+        component_dataset, data_dir=str(data_dir), component=component, vocabulary=vocabulary,
         chat_format=chat_format, max_length=max_length, validation_fraction=validation_fraction)
     seqio.TaskRegistry.add(name, source=seqio.FunctionDataSource(dataset_fn, splits=SPLITS),
                            output_features=output_features, preprocessors=[],

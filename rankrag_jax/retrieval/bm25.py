@@ -39,7 +39,7 @@ class Bm25Index:
     return len(self.doc_ids)
 
 
-def _tokenize(texts: Sequence[str], stopwords: str | None) -> list[list[str]]:
+def tokenize(texts: Sequence[str], stopwords: str | None) -> list[list[str]]:
   # Strings (not bm25s' per-call ids) so queries map onto the index vocabulary by word.
   return bm25s.tokenize(list(texts), stopwords=stopwords, return_ids=False, show_progress=False)
 
@@ -66,7 +66,7 @@ def build_bm25_index(corpus: corpus_lib.Corpus,
     A `Bm25Index`.
   """
   retriever = bm25s.BM25(k1=k1, b=b, method=method, backend="numpy")
-  retriever.index(_tokenize(corpus.passages(), stopwords), show_progress=show_progress)
+  retriever.index(tokenize(corpus.passages(), stopwords), show_progress=show_progress)
   return Bm25Index(retriever=retriever, doc_ids=tuple(corpus.ids), stopwords=stopwords)
 
 
@@ -88,7 +88,7 @@ def search_bm25(index: Bm25Index,
   if len(queries) == 0:  # len: queries may be a numpy array.
     return np.empty((0, k), dtype=str), np.empty((0, k), dtype=np.float32)
   # backend_selection="numpy": bm25s would otherwise run a jax top-k per query (one compile per corpus size).
-  rows, scores = index.retriever.retrieve(_tokenize(queries, index.stopwords), k=k, sorted=True,
+  rows, scores = index.retriever.retrieve(tokenize(queries, index.stopwords), k=k, sorted=True,
                                           show_progress=show_progress, backend_selection="numpy")
   doc_ids = np.asarray(index.doc_ids)
   return doc_ids[np.asarray(rows)], np.asarray(scores, dtype=np.float32)

@@ -160,8 +160,8 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
           num_micro_batches: int = 1, max_loss_positions: int | None = None, shape_bucket: int = 0,
           log_every: int = 10,
           eval_every: int | None = None, eval_batches: int = 4, eval_batch_size: int | None = None,
-          eval_at_start: bool = True, peak_flops_per_device: float = 160e9, export_hf: bool = True,
-          progress_bar: bool = True, metrics_dir: str | None = None,
+          eval_at_start: bool = True, ranking_eval: bool = False, peak_flops_per_device: float = 160e9,
+          export_hf: bool = True, progress_bar: bool = True, metrics_dir: str | None = None,
           hf_export_dir: str | None = None) -> TrainSummary:
   """Trains `model_config` for `total_steps` optimizer steps of `batch_size` packed rows of `sequence_length`.
 
@@ -183,6 +183,8 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
       loss positions as many as the rows need (training/bucketing.py; exact; one compile per distinct shape).
     eval_every, eval_batches, eval_batch_size, eval_at_start: held-out ("validation") loss: every `eval_every`
       steps, at the end, and before the first step; over the same first `eval_batches` batches each time.
+    ranking_eval: at the same points, P("True") AUC, reranked Recall@k and EM/F1 on a fixed slice of questions
+      the run never trains on (training/ranking_eval.py; its settings: Gin `RankingEval.*`, `ranking_questions.*`).
     peak_flops_per_device: for MFU (CPU default measured on this machine's matmul; TPU v5p 459e12 bf16).
     export_hf: write an HF (transformers-loadable) directory at the end, to `hf_export_dir`.
     progress_bar: a tqdm bar on host 0.
@@ -216,6 +218,19 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
     held_out = HeldOut(batch_fn, run.eval_fn, run.data_shardings, num_batches=eval_batches,
                        batch_size=(eval_batch_size or batch_size) // hosts, sequence_length=sequence_length,
                        seed=seed)
+    ranking = None
+    if ranking_eval:
+      from rankrag_jax.training import ranking_eval as ranking_lib  # local: retrieval + generation, only if asked
+      ranking = ranking_lib.RankingEval()
+      ranking_lib.write_slice(ranking.questions, metrics_dir / "ranking_eval_questions.jsonl")
+
+    def evaluate(step):
+      loss = held_out.evaluate(run.state["params"], step, writer) if eval_batches else None
+      if ranking is not None:
+        result = ranking.evaluate(run.state["params"], run.config, run.tokenizer)
+        writer.write(step, result)
+        writer.message(f"step {step}: {ranking.describe(result)}")
+      return loss
     writer.message(f"Training {run.config.num_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
                    f"({jax.device_count()} {jax.devices()[0].platform} devices, {hosts} host(s)): steps "
                    f"{first_step} -> {total_steps}, {batch_size} x {sequence_length} tokens/step. Run dir: "
@@ -229,8 +244,8 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
                        f"{dict(mesh.shape)}, {hosts} hosts")
     local_shards = data_shards // hosts
     with step_lib.sharding_context(mesh, rules):
-      if eval_at_start and first_step == 0 and eval_batches:
-        summary.initial_eval_loss = held_out.evaluate(run.state["params"], 0, writer)
+      if eval_at_start and first_step == 0 and (eval_batches or ranking):
+        summary.initial_eval_loss = evaluate(0)
       pending = metrics_lib.PendingMetrics(batch_size * sequence_length,
                                            run.config.flops_per_token(sequence_length), peak_flops_per_device,
                                            jax.device_count())
@@ -264,8 +279,8 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
                          "tokens; the surplus is left out of the loss (see training/loss.py). Raise it.")
         summary.final_train_loss, summary.last_step = rows[-1]["loss"], step
         writer.advance(step, rows[-1])
-        if eval_batches and (done or (eval_every and step % eval_every == 0)):
-          summary.final_eval_loss = held_out.evaluate(run.state["params"], step, writer)
+        if (eval_batches or ranking) and (done or (eval_every and step % eval_every == 0)):
+          summary.final_eval_loss = evaluate(step)
         if save_due:
           checkpointer.save(step, run.state, {TRAIN_POSITION_KEY: source.position})
         pending.restart_clock()  # evaluation and checkpointing time is not training throughput
