@@ -92,6 +92,16 @@ def _round_robin(lists, size):
   return chosen
 
 
+def requested_sizes(sizes: dict | None, defaults: dict, components=None) -> dict:
+  """Per-component example counts: `defaults` overridden by `sizes`; a name not among `components` (default:
+  the names in `defaults`) is an error."""
+  known = set(components or defaults)
+  unknown = set(sizes or {}) - known
+  if unknown:
+    raise ValueError(f"unknown components {sorted(unknown)}; known: {sorted(known)}")
+  return {**defaults, **(sizes or {})}
+
+
 def label_stats(component_examples):
   labels = [e["label"] for e in component_examples]
   if labels and all(isinstance(label, bool) for label in labels):
@@ -221,10 +231,7 @@ def build_default_blend(out_dir, seed: int = 0, sizes: dict | None = None, unans
     nq_dir, evals_dir, wiki_summaries_path, enwiki_path: source locations; default: the asset cache.
   """
   start_time = time.time()
-  sizes = {**DEFAULT_SIZES, **(sizes or {})}
-  unknown = set(sizes) - set(COMPONENTS)
-  if unknown:
-    raise ValueError(f"unknown components {sorted(unknown)}; known: {sorted(COMPONENTS)}")
+  sizes = requested_sizes(sizes, DEFAULT_SIZES)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   nq_root = pathlib.Path(nq_dir or assets.asset_file("nq_open"))

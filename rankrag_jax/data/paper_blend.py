@@ -215,10 +215,7 @@ def build_paper_blend(out_dir, *, drop_path=gin.REQUIRED, narrativeqa_path=gin.R
   if unset:  # a `NAME = %gin.REQUIRED` macro that nobody set reaches us as Gin's sentinel.
     raise ValueError(f"build_paper_blend: required paths not set: {', '.join(unset)} "
                      "(--gin_bindings=\"NAME = '/path'\"; gin_configs/data/paper_blend.gin names each source)")
-  sizes = {**DEFAULT_SIZES, **(sizes or {})}
-  unknown = set(sizes) - set(COMPONENTS)
-  if unknown:
-    raise ValueError(f"unknown components {sorted(unknown)}; known: {sorted(COMPONENTS)}")
+  sizes = blend.requested_sizes(sizes, DEFAULT_SIZES, COMPONENTS)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   skipped, stats, entries, corpus = {}, {}, {}, {}
