@@ -122,7 +122,7 @@ def main():
                      **score_system(records, total, text_of, settings["use_reranker"])}
     print(json.dumps(results[name]))
     results_path.write_text(json.dumps(results, indent=1) + "\n")
-  lines = [f"| system | questions (scored) | R@1 | R@5 | R@20 | AUC | wall (s) |", "|---|---|---|---|---|---|---|"]
+  lines = ["| system | questions (scored) | R@1 | R@5 | R@20 | AUC | wall (s) |", "|---|---|---|---|---|---|---|"]
   for r in results.values():
     auc = f"{r['AUC']:.1f}" if "AUC" in r else "-"
     lines.append(f"| {r['system']} | {r['questions']} ({r['scored']}) | {r['R@1']:.1f} | {r['R@5']:.1f} | "

@@ -220,9 +220,13 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
                        seed=seed)
     ranking = None
     if ranking_eval:
+      if run.tokenizer is None:
+        raise ValueError("loop.train.ranking_eval needs the model's tokenizer: start from a checkpoint that has one "
+                         "(a GGUF, an HF directory with tokenizer.json, or a previous run)")
       from rankrag_jax.training import ranking_eval as ranking_lib  # local: retrieval + generation, only if asked
       ranking = ranking_lib.RankingEval()
-      ranking_lib.write_slice(ranking.questions, metrics_dir / "ranking_eval_questions.jsonl")
+      if jax.process_index() == 0:
+        ranking_lib.write_slice(ranking.questions, metrics_dir / "ranking_eval_questions.jsonl")
 
     def evaluate(step):
       loss = held_out.evaluate(run.state["params"], step, writer) if eval_batches else None
