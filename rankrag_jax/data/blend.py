@@ -299,3 +299,11 @@ def build_default_blend(out_dir, seed: int = 0, sizes: dict | None = None, unans
   logging.info("Built the default blend in %s (%.1fs): %s", out_dir, time.time() - start_time,
                {k: v["count"] for k, v in manifest["components"].items()})
   return manifest
+
+
+@gin.configurable
+def build_blend(out_dir, builder=None) -> dict:
+  """Builds a blend into `out_dir` with `builder` (Gin: `build_blend.builder = @build_paper_blend`); returns its
+  manifest. None -> `build_default_blend`, the embedded default blend. Here, not in build.py: a Gin file that
+  imports build.py would define its absl flags a second time under `python -m rankrag_jax.data.build`."""
+  return (builder or build_default_blend)(out_dir)

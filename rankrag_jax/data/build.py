@@ -4,7 +4,7 @@
         [--gin_bindings="MAX_LENGTH = 4096"] [--gin_bindings="build_default_blend.sizes = {'nq_context_ranking': 2000}"]
     python -m rankrag_jax.data.build --gin_file=gin_configs/data/paper_blend.gin --gin_bindings="DROP_PATH = '...'" ...
 
-Which blend: `build_blend.builder` (Gin; default `blend.build_default_blend`).
+Which blend: `blend.build_blend.builder` (Gin; default `blend.build_default_blend`).
 
 Writes the blend (`blend.build_default_blend`: `{component}.jsonl`, corpus.jsonl, heldout.jsonl, manifest.json)
 into `register_blend_tasks.data_dir` (default: $RANKRAG_JAX_CACHE/default_blend), then tokenises every example
@@ -20,7 +20,7 @@ import collections
 import inspect
 import json
 import pathlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -151,19 +151,12 @@ def format_sources(manifest: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-@gin.configurable
-def build_blend(out_dir, builder: Callable[[Any], Mapping[str, Any]] | None = None) -> Mapping[str, Any]:
-  """Builds a blend into `out_dir` with `builder` (Gin: `build_blend.builder = @build_paper_blend`); returns its
-  manifest. None -> `blend.build_default_blend` (looked up at call time), the embedded default blend."""
-  return (builder or blend.build_default_blend)(out_dir)
-
-
 def build_and_report(stats_only: bool = False) -> dict[str, Any]:
   """Builds the blend (unless `stats_only`), computes, prints and writes its statistics."""
   settings = blend_settings()
   data_dir = pathlib.Path(settings["data_dir"])
   if not stats_only:
-    manifest = build_blend(data_dir)  # which blend, sizes, seed, paths: Gin (build_blend.*, build_*_blend.*).
+    manifest = blend.build_blend(data_dir)  # which blend, sizes, seed, paths: Gin (build_blend.*, build_*_blend.*).
     print(f"built {len(manifest['components'])} components into {data_dir}")
   stats = compute_stats(**settings)
   print(format_stats(stats))
