@@ -169,6 +169,31 @@ def test_get_dataset_packs_deterministic_numpy_batches_and_resumes(registered, t
   assert segments > 18  # packing: several examples per row.
 
 
+def test_example_normalization_makes_each_packed_example_weigh_one(registered):
+  tasks.register_stage2_mixture(rates={c: 1.0 for c in COMPONENTS})
+  kwargs = dict(mixture_name=tasks.STAGE2_MIXTURE, sequence_length=SEQUENCE_LENGTH, batch_size=3, seed=7)
+  per_token, per_example = tasks.get_dataset(**kwargs), tasks.get_dataset(loss_normalization="example", **kwargs)
+  answer_lengths = set()
+  for _ in range(4):
+    tokens, examples = next(per_token), next(per_example)
+    assert all(np.array_equal(tokens[k], examples[k]) for k in tokens if k != "decoder_loss_weights")
+    weights = examples["decoder_loss_weights"]
+    assert weights.dtype == np.float32
+    for row in range(3):
+      seg, token_weights = tokens["decoder_segment_ids"][row], tokens["decoder_loss_weights"][row]
+      for s in np.unique(seg[seg > 0]):
+        where = seg == s
+        n = token_weights[where].sum()
+        answer_lengths.add(int(n))
+        # Each example sums to one, spread evenly over exactly its answer tokens (a ranking "True" + stop: 1/2 each).
+        np.testing.assert_allclose(weights[row][where].sum(), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(weights[row][where & (token_weights == 1)], 1.0 / n, rtol=1e-6)
+      assert not weights[row][seg == 0].any() and not weights[row][token_weights == 0].any()
+  assert len(answer_lengths) > 1  # examples of different answer lengths were packed together
+  with pytest.raises(ValueError, match="loss_normalization"):
+    tasks.get_dataset(loss_normalization="sequence", **kwargs)
+
+
 def test_shards_split_each_task_disjointly(registered):
   rows = {}
   for shard in range(2):

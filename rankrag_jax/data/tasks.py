@@ -237,6 +237,26 @@ def register_stage1_mixture(rates: Mapping[str, float] = gin.REQUIRED, name: str
   return register_mixture(name, rates)
 
 
+LOSS_NORMALIZATIONS = ("token", "example")
+
+
+def example_mean_weights(weights: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+  """Loss weights [B, L] rescaled so that each packed example's answer tokens sum to 1 (float32).
+
+  With the step's mean over the weight sum, every example then counts once, whatever its answer length: a
+  ranking example's one-token "True"/"False" weighs as much as a 200-token SFT answer (with per-token weights, it
+  is a few percent of a packed batch's loss).
+  """
+  weights = weights.astype(np.float32)
+  rows, length = weights.shape
+  # One bin per (row, segment id): segment ids are < L + 1 (at most one example per token).
+  bins = segment_ids.astype(np.int64) + (length + 1) * np.arange(rows)[:, None]
+  totals = np.bincount(bins.ravel(), weights=weights.ravel(), minlength=rows * (length + 1))
+  per_token_total = totals[bins]
+  return np.where(per_token_total > 0, weights / np.where(per_token_total > 0, per_token_total, 1),
+                  0).astype(np.float32)
+
+
 class PackedBatches:
   """Iterator of packed numpy batches that knows its position in the stream, for resumable training.
 
@@ -247,9 +267,12 @@ class PackedBatches:
       `tf.train.Checkpoint`, tens of MB, restored in seconds whatever the position.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, start_batch: int = 0):
+  def __init__(self, dataset: tf.data.Dataset, start_batch: int = 0, loss_normalization: str = "token"):
+    if loss_normalization not in LOSS_NORMALIZATIONS:
+      raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {loss_normalization!r}")
     self.dataset = dataset  # the whole stream from batch 0, for callers that want tf.data itself.
     self.position = 0
+    self._per_example = loss_normalization == "example"
     self._iterator = iter(dataset.prefetch(tf.data.AUTOTUNE))
     # Skipping by consuming (rather than dataset.skip) keeps one iterator graph, so save/restore always match.
     for _ in range(start_batch):
@@ -261,7 +284,11 @@ class PackedBatches:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator)
     self.position += 1
-    return {name: value.numpy() for name, value in batch.items()}
+    batch = {name: value.numpy() for name, value in batch.items()}
+    if self._per_example:
+      batch["decoder_loss_weights"] = example_mean_weights(batch["decoder_loss_weights"],
+                                                           batch["decoder_segment_ids"])
+    return batch
 
   def _checkpoint(self, position: tf.Variable) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(iterator=self._iterator, position=position)
@@ -280,7 +307,7 @@ class PackedBatches:
 @gin.configurable
 def get_dataset(mixture_name: str, sequence_length: int, batch_size: int, split: str = "train", shard_id: int = 0,
                 num_shards: int = 1, seed: int = 0, start_batch: int = 0, shuffle: Optional[bool] = None,
-                num_epochs: Optional[int] = None, pack: bool = True) -> PackedBatches:
+                num_epochs: Optional[int] = None, pack: bool = True, loss_normalization: str = "token") -> PackedBatches:
   """Packed decoder-only numpy batches from a registered Mixture or Task; deterministic given `seed`.
 
   Args:
@@ -294,6 +321,8 @@ def get_dataset(mixture_name: str, sequence_length: int, batch_size: int, split:
     shuffle: default True for "train", False otherwise.
     num_epochs: None repeats forever (training); 1 for a single pass (evaluation).
     pack: False gives one example per row (padded), for evaluation.
+    loss_normalization: "token" (every answer token weighs 1) or "example" (each example's answer tokens sum to 1:
+      `example_mean_weights`; float32 weights).
 
   Returns:
     a `PackedBatches` yielding dicts of int32 [batch_size, L]: decoder_target_tokens, decoder_input_tokens,
@@ -306,4 +335,4 @@ def get_dataset(mixture_name: str, sequence_length: int, batch_size: int, split:
       shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards) if num_shards > 1 else None,
       seed=seed, batch_size=batch_size, verbose=False,
       trim_output_features=False)  # never trim: an over-long example must fail in the converter, not lose its end.
-  return PackedBatches(dataset, start_batch)
+  return PackedBatches(dataset, start_batch, loss_normalization)

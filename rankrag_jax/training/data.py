@@ -38,9 +38,14 @@ def ensure_blend() -> pathlib.Path:
 
 @gin.configurable
 def blend_batches(split: str, batch_size: int, sequence_length: int, shard_id: int, num_shards: int, seed: int,
-                  start_batch: int = 0, mixture_name: str = "rankrag_stage2", build_if_missing: bool = True):
+                  start_batch: int = 0, mixture_name: str = "rankrag_stage2", build_if_missing: bool = True,
+                  loss_normalization: str = "token"):
   """Packed batches of a blend mixture ("rankrag_stage1" | "rankrag_stage2"); Tasks registered from Gin
   (gin_configs/data/*.gin). Evaluation ("validation") batches are unshuffled: every evaluation sees the same ones.
+
+  loss_normalization: for the training split, "token" (the paper's SFT loss: mean over answer tokens) or "example"
+  (mean over examples of each one's mean answer-token loss; `tasks.example_mean_weights`). Evaluation batches keep
+  per-token weights, so held-out losses stay comparable between runs.
   """
   from rankrag_jax.data import tasks  # local: pulls in tensorflow/seqio
   if build_if_missing:
@@ -52,7 +57,8 @@ def blend_batches(split: str, batch_size: int, sequence_length: int, shard_id: i
     register[mixture_name]()
   return tasks.get_dataset(mixture_name, sequence_length=sequence_length, batch_size=batch_size, split=split,
                            shard_id=shard_id, num_shards=num_shards, seed=seed, start_batch=start_batch,
-                           shuffle=split == "train")
+                           shuffle=split == "train",
+                           loss_normalization=loss_normalization if split == "train" else "token")
 
 
 class SyntheticBatches:
