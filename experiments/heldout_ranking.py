@@ -1,11 +1,12 @@
 """Issue #34's ranking table on the whole held-out split (EfficientQA test, 1,769 questions), and a run's curves.
 
-    python experiments/heldout_ranking.py --tuned runs/rank_a/hf [--systems bm25,zs,zsct,tuned] [--n 20]
+    python experiments/heldout_ranking.py --tuned runs/rank_a/hf [--systems bm25,dense,zs,zsct,tuned] [--n 20]
     python experiments/heldout_ranking.py --curve runs/rank_a     # the learning-curve plot only
 
 Reranking reorders each question's BM25 top-N, so a question with no answer-bearing passage in its top N has
 answer-Recall@k 0 under every reranker. Only the others ("rerankable") are scored by the model; Recall@k is then
 counted over all held-out questions (hits / 1,769): exact, at a fraction of the cost (~17% of questions at N=20).
+Dense retrieval (all-MiniLM-L6-v2) runs on every held-out question: its own top N, no reranking.
 AUC is P("True")'s pairwise AUC over each rerankable question's own (answer passage, other passage) pairs.
 
 Writes experiments/results/heldout_ranking.{md,json} and, with --curve, experiments/results/learning_curve.png.
@@ -46,6 +47,8 @@ def system_settings(key: str, tuned: str | None, n: int) -> tuple[str, dict]:
   shared = dict(retriever="bm25", n=n, generate_answers=False)
   if key == "bm25":
     return "BM25", dict(use_reranker=False, **shared)
+  if key == "dense":  # its own top n: run on every held-out question, not BM25's rerankable subset
+    return "dense (all-MiniLM-L6-v2, faiss)", dict(shared, retriever="dense", use_reranker=False)
   checkpoint, chat_format, label = {
       "zs": (common.ZERO_SHOT, "chatqa", "SmolLM2-135M-Instruct zero-shot (ChatQA text)"),
       "zsct": (common.ZERO_SHOT, "chat_template", "SmolLM2-135M-Instruct zero-shot (its ChatML template)"),
@@ -115,10 +118,12 @@ def main():
     label, settings = system_settings(key, args.tuned, args.n)
     start = time.time()
     name = f"heldout_{key}_n{args.n}"
-    evaluate.run_evaluation(dataset=str(subset), corpus=common.CORPUS, out_dir=str(runs_dir / name), system_name=name,
+    dataset = evaluate.resolve_path(common.HELDOUT) if settings["retriever"] == "dense" else str(subset)
+    evaluate.run_evaluation(dataset=dataset, corpus=common.CORPUS, out_dir=str(runs_dir / name), system_name=name,
                             recall_ks=KS, show_progress=True, **settings)
     records = [json.loads(line) for line in (runs_dir / name / "predictions.jsonl").read_text().splitlines()]
-    results[name] = {"system": label, "questions": total, "scored": kept, "n": args.n, "wall_s": time.time() - start,
+    scored = len(records) if settings["retriever"] == "dense" else kept
+    results[name] = {"system": label, "questions": total, "scored": scored, "n": args.n, "wall_s": time.time() - start,
                      **score_system(records, total, text_of, settings["use_reranker"])}
     print(json.dumps(results[name]))
     results_path.write_text(json.dumps(results, indent=1) + "\n")

@@ -51,4 +51,5 @@ def test_evaluate_reports_the_models_own_ranking(make_tiny_rag_model):
   assert result["rank/recall@1"] == pytest.approx(np.mean(top1))
   assert result["rank/recall@5"] == 1.0 and result["rank/questions"] == 2
   assert 0.0 <= result["qa/em"] <= result["qa/f1"] <= 1.0
-  assert "ranking AUC" in evaluator.describe(result)
+  assert 0.0 <= result["qa/em_bm25"] <= result["qa/f1_bm25"] <= 1.0  # the same weights on BM25's own top k
+  assert "ranking AUC" in evaluator.describe(result) and "without reranking" in evaluator.describe(result)

@@ -6,7 +6,8 @@ passages by P("True") with the current weights (`rerank.score_questions`: all qu
   rank/auc        pairwise AUC of P("True"): over every (answer passage, other passage) pair of one question, the
                   share the model orders right (ties count half). 0.5 is chance.
   rank/recall@k   answer-Recall@k of the reranked top-`depth`, beside `rank/bm25_recall@k` (BM25's own order).
-  qa/em, qa/f1    of greedy answers generated from the reranked top-`k` (App. D prompt), when `generate_answers`.
+  qa/em, qa/f1    of greedy answers generated from the reranked top-`k` (App. D prompt), when `generate_answers`;
+                  `qa/em_bm25`, `qa/f1_bm25` from BM25's own top-`k` (the same weights, without reranking).
 
 The slice (`ranking_questions`): by default the NQ questions of the default blend's "validation" split (a hash of
 the question id, the same split that keeps their examples out of training), that have both an answer-bearing and
@@ -121,15 +122,21 @@ class RankingEval:
                  for k in RECALL_KS},
               **self.bm25_recall, "rank/questions": len(self.questions)}
     if self.generate_answers:
+      # Answers from the reranked top k and, beside them, from BM25's own top k (the same weights): EM with
+      # reranking against EM without, in one generate call.
       model = rag.RagModel(config, params, tokenizer, decode_weights=None)
+      bm25_orders = [np.arange(len(q["passages"])) for q in self.questions]
       prompt_ids = [rag.generation_prompt(model, q["question"], [q["passages"][i] for i in o[:self.k]],
                                           max_new_tokens=self.max_new_tokens, chat_format=self.chat_format)[0]
-                    for q, o in zip(self.questions, orders)]
+                    for q, o in zip(self.questions + self.questions, orders + bm25_orders)]
       outputs = generate(params, config, prompt_ids, self.max_new_tokens, tokenizer.stop_ids, decode_weights=None)
       predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
-      result["qa/em"] = float(np.mean([metrics.exact_match_score(p, q["answers"])
-                                       for p, q in zip(predictions, self.questions)]))
-      result["qa/f1"] = float(np.mean([metrics.f1_score(p, q["answers"]) for p, q in zip(predictions, self.questions)]))
+      n = len(self.questions)
+      for suffix, answers in (("", predictions[:n]), ("_bm25", predictions[n:])):
+        result[f"qa/em{suffix}"] = float(np.mean([metrics.exact_match_score(p, q["answers"])
+                                                  for p, q in zip(answers, self.questions)]))
+        result[f"qa/f1{suffix}"] = float(np.mean([metrics.f1_score(p, q["answers"])
+                                                  for p, q in zip(answers, self.questions)]))
     result["rank/eval_seconds"] = time.perf_counter() - start
     return result
 
@@ -139,7 +146,8 @@ class RankingEval:
             ", ".join(f"R@{k} {result[f'rank/recall@{k}']:.3f} (BM25 {result[f'rank/bm25_recall@{k}']:.3f})"
                       for k in RECALL_KS))
     if "qa/em" in result:
-      text += f", EM {result['qa/em']:.3f} F1 {result['qa/f1']:.3f}"
+      text += (f", EM {result['qa/em']:.3f} F1 {result['qa/f1']:.3f} "
+               f"(without reranking: EM {result['qa/em_bm25']:.3f} F1 {result['qa/f1_bm25']:.3f})")
     return text + f" on {result['rank/questions']} questions ({result['rank/eval_seconds']:.0f}s)"
 
 
