@@ -15,6 +15,7 @@ Writes experiments/results/heldout_ranking.{md,json} and, with --curve, experime
 import argparse
 import json
 import pathlib
+import re
 import time
 
 import common  # noqa: F401  (puts the repository on sys.path)
@@ -117,7 +118,9 @@ def main():
       continue
     label, settings = system_settings(key, args.tuned, args.n)
     start = time.time()
-    name = f"heldout_{key}_n{args.n}"
+    # One row per tuned checkpoint: its path is in the name, so evaluating another one adds a row.
+    tag = "_" + re.sub(r"\W+", "_", args.tuned).strip("_") if key == "tuned" else ""
+    name = f"heldout_{key}{tag}_n{args.n}"
     dataset = evaluate.resolve_path(common.HELDOUT) if settings["retriever"] == "dense" else str(subset)
     evaluate.run_evaluation(dataset=dataset, corpus=common.CORPUS, out_dir=str(runs_dir / name), system_name=name,
                             recall_ks=KS, show_progress=True, **settings)
