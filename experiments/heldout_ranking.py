@@ -1,7 +1,7 @@
 """Issue #34's ranking table on the whole held-out split (EfficientQA test, 1,769 questions), and a run's curves.
 
     python experiments/heldout_ranking.py --tuned runs/rank_a/hf [--systems bm25,dense,zs,zsct,tuned] [--n 20]
-    python experiments/heldout_ranking.py --curve runs/rank_a     # the learning-curve plot only
+    python experiments/heldout_ranking.py --curve runs/rank_b,runs/rank_f   # learning curves only (one figure)
 
 Reranking reorders each question's BM25 top-N, so a question with no answer-bearing passage in its top N has
 answer-Recall@k 0 under every reranker. Only the others ("rerankable") are scored by the model; Recall@k is then
@@ -69,26 +69,33 @@ def score_system(records: list[dict], total: int, text_of: dict, reranked: bool)
   return result
 
 
-def learning_curve(run_dir: pathlib.Path, out: pathlib.Path, rows_per_step: int) -> list[dict]:
+def learning_curve(run_dirs: list[pathlib.Path], out: pathlib.Path, rows_per_step: int) -> dict[str, list[dict]]:
+  """One figure: each run's in-training AUC and reranked Recall@5 against packed rows seen (BM25's Recall@5 and
+  AUC 0.5 for reference)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  points = [r for r in metrics_lib.read_metrics(run_dir) if "rank/auc" in r]
-  seen = [r["step"] * rows_per_step for r in points]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-  axes[0].plot(seen, [r["rank/auc"] for r in points], marker="o")
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  curves = {}
+  for run_dir in run_dirs:
+    points = [r for r in metrics_lib.read_metrics(run_dir) if "rank/auc" in r]
+    curves[run_dir.name] = points
+    seen = [r["step"] * rows_per_step for r in points]
+    axes[0].plot(seen, [r["rank/auc"] for r in points], marker="o", label=run_dir.name)
+    axes[1].plot(seen, [r["rank/recall@5"] for r in points], marker="o", label=run_dir.name)
   axes[0].axhline(0.5, color="grey", ls=":", label="chance")
+  bm25 = next(iter(curves.values()))[0]["rank/bm25_recall@5"]
+  axes[1].axhline(bm25, color="black", ls="--", label="BM25")
   axes[0].set(xlabel=f"packed rows seen ({rows_per_step}/step)", ylabel="P(True) pairwise AUC", title="ranking AUC")
-  axes[1].plot(seen, [r["rank/recall@5"] for r in points], marker="o", label="reranked")
-  axes[1].plot(seen, [r["rank/bm25_recall@5"] for r in points], ls="--", label="BM25")
   axes[1].set(xlabel=f"packed rows seen ({rows_per_step}/step)", ylabel="answer-Recall@5 of BM25 top-20",
-              title="Recall@5")
+              title="Recall@5 of the reranked top 20")
   for ax in axes:
-    ax.legend()
-  fig.suptitle(f"{run_dir.name}: validation-split NQ questions ({int(points[0]['rank/questions'])})")
+    ax.legend(fontsize=8)
+  questions = int(next(iter(curves.values()))[0]["rank/questions"])
+  fig.suptitle(f"in-training evaluation on {questions} validation-split NQ questions")
   fig.tight_layout()
   fig.savefig(out, dpi=110)
-  return points
+  return curves
 
 
 def main():
@@ -97,14 +104,18 @@ def main():
   parser.add_argument("--systems", default="bm25,zs,zsct,tuned")
   parser.add_argument("--n", type=int, default=20)
   parser.add_argument("--runs_dir", default=common.DEFAULT_RUNS_DIR)
-  parser.add_argument("--curve", default=None, help="a run directory: plot its in-training ranking metrics")
+  parser.add_argument("--curve", default=None, help="run directories, comma-separated: plot their in-training "
+                      "ranking metrics in one figure")
+  parser.add_argument("--curve_out", default="learning_curve.png", help="the figure's name under results/")
   parser.add_argument("--rows_per_step", type=int, default=4)
   args = parser.parse_args()
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   if args.curve:
-    points = learning_curve(pathlib.Path(args.curve), common.RESULTS_DIR / "learning_curve.png", args.rows_per_step)
-    print(json.dumps([{k: r[k] for k in ("step", "rank/auc", "rank/recall@1", "rank/recall@5", "qa/em", "qa/f1")
-                       if k in r} for r in points], indent=1))
+    curves = learning_curve([pathlib.Path(d) for d in args.curve.split(",")], common.RESULTS_DIR / args.curve_out,
+                            args.rows_per_step)
+    print(json.dumps({name: [{k: r[k] for k in ("step", "rank/auc", "rank/recall@1", "rank/recall@5", "qa/em",
+                                                 "qa/f1") if k in r} for r in points]
+                      for name, points in curves.items()}, indent=1))
     return
   runs_dir = pathlib.Path(args.runs_dir)
   runs_dir.mkdir(parents=True, exist_ok=True)
