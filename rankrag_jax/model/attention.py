@@ -84,7 +84,10 @@ def visibility(q_segment_ids: Array, kv_segment_ids: Array | None = None, q_offs
 
 def kernel_module_present(impl: str) -> bool:
   """Whether this checkout has `impl`'s kernel module (splash, gpu_flash, cpu_ffi)."""
-  return importlib.util.find_spec(_KERNEL_MODULES[impl][0]) is not None
+  try:
+    return importlib.util.find_spec(_KERNEL_MODULES[impl][0]) is not None
+  except ModuleNotFoundError:  # its parent package (backends.tpu, backends.gpu) is absent too
+    return False
 
 
 def resolve(requested: str, platform: str, dtype, *, cpu_ffi_usable: bool = False,
