@@ -195,10 +195,13 @@ def _packed_loss(params, config, tokens, positions, segment_ids):
   return jnp.sum(jnp.where(segment_ids != 0, logp, 0.0)) / jnp.sum(segment_ids != 0)
 
 
-@pytest.mark.parametrize("overrides", [{"attention_query_block": 4}, {"attention_query_block": 5},
-                                       {"flatten_matmul_tokens": True}], ids=["block4", "block5", "flat_matmuls"])
+@pytest.mark.parametrize("overrides", [{"attention_impl": "blockwise", "attention_query_block": 4},
+                                       {"attention_impl": "blockwise", "attention_query_block": 5},
+                                       {"attention_impl": "cpu_ffi"}, {"flatten_matmul_tokens": True}],
+                         ids=["block4", "block5", "cpu_ffi", "flat_matmuls"])
 def test_cpu_reformulations_equal_the_plain_model_on_packed_padded_rows(tiny, overrides):
   config, params = tiny
+  config = dataclasses.replace(config, attention_impl="xla")  # the plain model
   # Two rows of 11 slots: three packed segments, and one segment followed by padding (segment id 0).
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3], [1] * 7 + [0] * 4], jnp.int32)
   positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2], list(range(11))], jnp.int32)
@@ -291,10 +294,10 @@ def test_prefill_blockwise_attention_equals_cached_attention_for_real_queries():
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
-@pytest.mark.parametrize("query_block", [0, 4], ids=["plain_attention", "block_attention"])
-def test_remat_changes_neither_values_nor_grads(tiny, policy, query_block):
+@pytest.mark.parametrize("impl", ["xla", "blockwise", "cpu_ffi"])
+def test_remat_changes_neither_values_nor_grads(tiny, policy, impl):
   config, params = tiny
-  config = dataclasses.replace(config, attention_query_block=query_block)
+  config = dataclasses.replace(config, attention_impl=impl, attention_query_block=4)
   tokens = _tokens(8, (2, 9))
   value, grads = _value_and_grad(params, config, tokens)
   remat_value, remat_grads = _value_and_grad(params, dataclasses.replace(config, remat_policy=policy), tokens)
