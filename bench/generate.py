@@ -10,9 +10,9 @@ row (no stop ids, so neither stops early) in one batch:
   ours: `generate.generate` (one jitted prefill, the batch's common prompt prefix computed once and only the rest
         of each prompt padded, its projections and MLP on the real tokens only, then a `lax.while_loop` of
         one-token steps over an explicit per-layer KV cache, per-layer weights and the LM head in 8-column panels
-        whose few-row products run on both cores (`model/row_matmul`), the prompt's and the steps' attention
-        over the KV cache on both cores too (`model/cpu_attention.cc`); the weights are made once at load by
-        `decode_weights.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
+        whose few-row products run on both cores (`backends/cpu/row_matmul`), the prompt's and the steps' attention
+        over the KV cache on both cores too (`backends/cpu/cpu_attention.cc`); the weights are made once at load by
+        `backends.cpu.decode.make_decode_weights`, as `rag.load_rag_model` does, so the copy is
         not inside the timed call; the calls reuse their KV cache memory through one `generate.KVBuffers`, as a
         `rag.RagModel`'s do);
   reference: `LlamaForCausalLM.generate` (f32, sdpa, DynamicCache, `torch.inference_mode`, 2 threads), left-padded
@@ -89,7 +89,7 @@ def side_ours(args) -> dict:
   import jax
   from rankrag_jax import generate
   from rankrag_jax.convert.load import load_model
-  from rankrag_jax.model import decode_weights
+  from rankrag_jax.backends.cpu import decode as decode_weights
   sequences = json.loads(pathlib.Path(args.data).read_text())["sequences"]
   config, params, _ = load_model(args.hf_dir)
   params = jax.device_put(params)

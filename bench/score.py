@@ -8,7 +8,7 @@ rendered with the paper's context-ranking prompt (ChatQA format) and tokenised o
 sides then compute log P("True"), log P("False") under the full next-token softmax at each prompt's last token:
 
   ours: `rerank.score_token_sequences` (shared-prefix KV cache, length buckets, projections and MLP on the real
-        tokens only, the attention on both cores through `model/cpu_attention.cc`, last-position LM head) on the
+        tokens only, the attention on both cores through `backends/cpu/cpu_attention.cc`, last-position LM head) on the
         params `load_model` reads from the exported HF directory;
   reference: transformers `LlamaForCausalLM` (f32, sdpa, `torch.inference_mode`, 2 threads) from that same
         directory: batches of `--ref_batch` passages in the given order, right-padded with an attention mask,

@@ -13,7 +13,7 @@ Either way: restarting positions, segment ids (0 = padding), loss weights on the
   ours: `training.step.jit_train_step` (jit with NamedShardings on a 1-device mesh under the default logical rules,
         state donated; AdamW b1 0.9 b2 0.98 wd 0.1, clip 1.0; answer positions gathered, K = --max_loss_positions,
         before the LM head; cpu.gin's 'dots' remat and CPU forms; attention forward and backward through
-        `cpu_kernels.training_attention` unless --cpu_kernels=0), params from `load_model` on the exported HF
+        `backends.cpu.attention.training_attention` unless --cpu_kernels=0), params from `load_model` on the exported HF
         directory; with --shape_bucket=G (default 64) each batch runs at its own shape as `loop.train` picks it
         (`training/bucketing.py`: rows cut after their last real token, per-token work on the real tokens only,
         K = the rows' answer tokens, all rounded up to G; every shape compiled before timing, as a long run
@@ -97,7 +97,7 @@ def executed_train_flops(config, batch: int, length: int, num_tokens: int, loss_
                for start in range(0, length, block))
   attn_forward = 2 * 2 * config.num_heads * config.head_dim * config.num_layers * batch * scores
   layer_passes = 4 if remat == "full" else 3
-  # ops.block_attention or cpu_kernels.training_attention: 2 products forward, 5 backward (the scores recomputed)
+  # ops.block_attention or the cpu_ffi training_attention: 2 products forward, 5 backward (the scores recomputed)
   if block < length:
     attn_passes = 3.5 + (remat == "full")  # under 'dots' remat (it keeps the output and softmax statistics)
   else:
@@ -154,22 +154,23 @@ def side_ours(args) -> dict:
   import optax
   from rankrag_jax import sharding as sharding_lib
   from rankrag_jax.convert.load import load_model
-  from rankrag_jax.model import cpu_kernels
+  from rankrag_jax.model import attention
   from rankrag_jax.training import optimizer as optimizer_lib
   from rankrag_jax.training import step as step_lib
   batches = dict(np.load(args.data))
   config, params, _ = load_model(args.hf_dir)
   config = dataclasses.replace(config, remat_policy=args.remat, scan_layers=not args.unroll,
+                               attention_impl="cpu_ffi" if args.cpu_kernels else "blockwise",
                                attention_query_block=args.attention_query_block,
                                flatten_matmul_tokens=bool(args.flatten_matmul_tokens))
   mesh, rules = sharding_lib.make_mesh(), sharding_lib.logical_axis_rules()
   schedule = optax.constant_schedule(LEARNING_RATE)
   optimizer = optimizer_lib.make_optimizer(schedule, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
   step_fn, state_shardings, data_shardings, _ = step_lib.jit_train_step(
-      config, optimizer, schedule, mesh, rules, max_loss_positions=args.max_loss_positions,
-      use_cpu_kernels=bool(args.cpu_kernels))
+      config, optimizer, schedule, mesh, rules, max_loss_positions=args.max_loss_positions)
   # The kernel's tiles of 8 query rows each meet the keys up to their last row: as query blocks of 8.
-  query_block = 8 if args.cpu_kernels and cpu_kernels.attention_usable(config, mesh) else args.attention_query_block
+  cpu_ffi = attention.resolve_for_target(config, mesh) == "cpu_ffi"
+  query_block = 8 if cpu_ffi else args.attention_query_block
   with step_lib.sharding_context(mesh, rules):
     params = jax.device_put(params, state_shardings["params"])
     state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, 0), out_shardings=state_shardings)(params)

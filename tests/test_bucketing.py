@@ -110,8 +110,8 @@ def _ragged_copy_batch(batch_size=8, length=64, seed=0):
   return batch
 
 
-@pytest.mark.parametrize("overrides", [{}, {"remat_policy": "dots", "attention_query_block": 16,
-                                           "flatten_matmul_tokens": True}])
+@pytest.mark.parametrize("overrides", [{}, {"remat_policy": "dots", "attention_impl": "blockwise",
+                                           "attention_query_block": 16, "flatten_matmul_tokens": True}])
 def test_bucketed_step_equals_the_fixed_shape_step(overrides):
   config, batch, mesh = config_lib.tiny(**overrides), _ragged_copy_batch(), sharding.make_mesh()
   fixed, fixed_metrics = _one_step(config, batch, mesh, max_loss_positions=32)

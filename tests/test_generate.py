@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from rankrag_jax import generate as generate_lib
+from rankrag_jax.model import attention
 from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import decode_weights as decode_weights_lib
+from rankrag_jax.backends.cpu import build as cpu_build
+from rankrag_jax.backends.cpu import decode as decode_weights_lib
 from rankrag_jax.model import llama
 
 MAX_NEW = 10
@@ -23,26 +25,31 @@ REFERENCE_LENGTH = 32  # every reference forward is right-padded to this, so it 
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-  config = config_lib.tiny()
-  return config, jax.jit(functools.partial(llama.init_params, config))(jax.random.key(0))
+def tiny_model(sharp_tiny_model):
+  """The tiny model with peaked attention (conftest.sharpen_attention): greedy tokens follow positions and content,
+  so a decode position off by one changes them (test_an_off_by_one_decode_position_changes_the_greedy_tokens)."""
+  return sharp_tiny_model
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _full_forward_logits(params, config, tokens, segment_ids):
-  return llama.Llama(config).apply({"params": params}, tokens, segment_ids=segment_ids)
+def _full_forward_logits(params, config, tokens, segment_ids, positions):
+  return llama.Llama(config).apply({"params": params}, tokens, positions, segment_ids)
 
 
-def greedy_by_full_forwards(config, params, prompt, max_new, stop_ids=(), width=REFERENCE_LENGTH):
+def greedy_by_full_forwards(config, params, prompt, max_new, stop_ids=(), width=REFERENCE_LENGTH,
+                            new_position_shift=0):
   """The reference: re-run the whole sequence without a cache for every new token.
 
   Right padding (segment 0) after the sequence cannot change causal logits at or before its last token.
+  new_position_shift: the generated tokens' positions moved by this many (what a decode step off by one computes).
   """
   sequence, new = list(prompt), []
   for _ in range(max_new):
     tokens = jnp.zeros((1, width), jnp.int32).at[0, :len(sequence)].set(jnp.asarray(sequence))
     segment_ids = (jnp.arange(width) < len(sequence)).astype(jnp.int32)[None]
-    logits = _full_forward_logits(params, config, tokens, segment_ids)
+    slots = jnp.arange(width)
+    positions = jnp.where(slots >= len(prompt), slots + new_position_shift, slots)[None]
+    logits = _full_forward_logits(params, config, tokens, segment_ids, positions)
     token = int(jnp.argmax(logits[0, len(sequence) - 1]))
     new.append(token)
     sequence.append(token)
@@ -56,6 +63,17 @@ SHARED = list(range(100, 119))
 PREFIXED_PROMPTS = [SHARED + [7], SHARED + [8, 9, 10], SHARED[:17] + [3] * 5]
 
 
+def test_an_off_by_one_decode_position_changes_the_greedy_tokens(tiny_model):
+  # The broken variant the cache-vs-full-forward comparisons guard against: a decode step at position + 1 computes
+  # what a full forward with the generated tokens' positions shifted by one computes. On this model it changes
+  # every row's greedy continuation, so those comparisons (exact token equality) fail on such a bug.
+  config, params = tiny_model
+  for prompts in (PROMPTS, PREFIXED_PROMPTS):
+    shifted = [greedy_by_full_forwards(config, params, p, MAX_NEW, new_position_shift=1) for p in prompts]
+    assert all(a != b for a, b in zip(shifted, [greedy_by_full_forwards(config, params, p, MAX_NEW)
+                                                for p in prompts]))
+
+
 def test_shared_prefix_length_rounds_down_and_leaves_each_row_a_token():
   assert generate_lib.shared_prefix_length(PREFIXED_PROMPTS, multiple=16) == 16
   assert generate_lib.shared_prefix_length(PREFIXED_PROMPTS) == 17
@@ -67,24 +85,41 @@ def decode_weights(params, config, kind):
   """The weights generate steps: "panels" (the CPU default), "unstacked" (per-layer, XLA dots) or "stacked"."""
   if kind == "stacked":
     return None
-  weights = decode_weights_lib.make_decode_weights(params, config, use_cpu_kernels=kind == "panels")
-  assert weights.cpu_kernels == (kind == "panels")  # "panels" needs the compiled CPU kernels
+  # Panel copies are made where attention_impl resolves to cpu_ffi (this machine has the compiled CPU kernels).
+  weights_config = config if kind == "panels" else dataclasses.replace(config, attention_impl="blockwise")
+  weights = decode_weights_lib.make_decode_weights(params, weights_config)
+  assert weights.has_panels == (kind == "panels")
   return weights
 
 
 DECODE_WEIGHTS = ["panels", "unstacked", "stacked"]
+# Every attention implementation this checkout has (splash / gpu_flash: Pallas interpret mode on CPU).
+IMPLS = [impl for impl in config_lib.ATTENTION_IMPLS
+         if impl in ("xla", "blockwise") or impl != "auto" and attention.kernel_module_present(impl)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_every_attention_implementation_decodes_the_full_forward_tokens(tiny_model, impl):
+  # The stacked layers' prefill (compact, shared prefix) and decode steps under each implementation, against the
+  # full forwards under xla.
+  config, params = tiny_model
+  for prompts in (PROMPTS, PREFIXED_PROMPTS):
+    got = generate_lib.generate(params, dataclasses.replace(config, attention_impl=impl), prompts,
+                                max_new_tokens=MAX_NEW, stop_ids=[], batch_size=4, decode_weights=None)
+    reference = dataclasses.replace(config, attention_impl="xla")
+    assert got == [greedy_by_full_forwards(reference, params, prompt, MAX_NEW) for prompt in prompts]
 
 
 def test_decode_weights_keep_the_kernels_layout_without_cpu_kernels(tiny_model, monkeypatch):
-  # No C++ compiler (cpu_kernels unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
+  # No C++ compiler (CPU kernels unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
   config, params = tiny_model
-  monkeypatch.setattr(decode_weights_lib.cpu_kernels, "available", lambda: False)
+  monkeypatch.setattr(cpu_build, "available", lambda: False)
   weights = decode_weights_lib.make_decode_weights(params, config)
-  assert not weights.cpu_kernels
+  assert not weights.has_panels
   np.testing.assert_array_equal(weights.layers[1]["mlp"]["up_proj"]["kernel"],
                                 params["layers"]["mlp"]["up_proj"]["kernel"][1])
   monkeypatch.undo()
-  assert not decode_weights_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).cpu_kernels
+  assert not decode_weights_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).has_panels
 
 
 @pytest.mark.parametrize("compact", [16, 0], ids=["compact_prefill", "padded_prefill"])
@@ -127,8 +162,8 @@ def test_panel_layers_compute_what_the_layers_compute(tiny_model):
   tokens = jnp.array([[5, 9, 2, 7], [3, 3, 8, 1]])
   positions, segment_ids = jnp.broadcast_to(jnp.arange(4), tokens.shape), jnp.ones_like(tokens)
   cache = llama.init_cache(config, 2, 8, per_layer=True)
-  hidden = lambda layers, panels: llama.unstacked_hidden_states(config, params, layers, tokens, positions,
-                                                                segment_ids, cache, panel_kernels=panels)
+  hidden = lambda layers, panels: decode_weights_lib.unstacked_hidden_states(config, params, layers, tokens, positions,
+                                                                             segment_ids, cache, panels=panels)
   (got, got_cache), (want, want_cache) = hidden(weights.panel_layers, True), hidden(weights.layers, False)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   for name in ("k", "v"):

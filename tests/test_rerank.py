@@ -1,5 +1,6 @@
 """The P("True") kernel equals P("True") from a plain full forward (ours and transformers'), whatever the batching."""
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -13,11 +14,14 @@ import pytest
 
 from rankrag_jax import assets, prompts, rerank
 from rankrag_jax import tokenizer as tokenizer_lib
+from rankrag_jax.model import attention
 from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import cpu_kernels
+from rankrag_jax.backends.cpu import build as cpu_build
 from rankrag_jax.model import llama
 
 ANSWER_IDS = (84, 70)
+# Tolerances of P("True") and of its log: a suffix position restarting at 0 moves log P by 0.02-0.2 here.
+P_ATOL, LOG_P_ATOL = 1e-5, 1e-4
 QUESTION = "what is the capital of france?"
 PASSAGES = ["Paris is the capital and largest city of France.",
             "The Eiffel Tower was completed in 1889 on the Champ de Mars in Paris.",
@@ -43,9 +47,10 @@ def reference_log_probs(params, config, sequences, answer_ids, pad_to=256):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-  config = config_lib.tiny()
-  return config, jax.jit(functools.partial(llama.init_params, config))(jax.random.key(0))
+def tiny_model(sharp_tiny_model):
+  """The tiny model with peaked attention (conftest.sharpen_attention): P("True") follows positions and content,
+  so a suffix position restarting at 0 moves it far beyond the 1e-5 tolerance (test below)."""
+  return sharp_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +66,40 @@ def smollm2_tokenizer():
   return tokenizer_lib.load_tokenizer(assets.asset_file("smollm2_135m_instruct"))
 
 
-def test_kernel_equals_p_true_from_a_full_forward(tiny_model, token_sequences):
+# Every attention implementation this checkout has (splash / gpu_flash: Pallas interpret mode on CPU).
+IMPLS = [impl for impl in config_lib.ATTENTION_IMPLS
+         if impl in ("xla", "blockwise") or impl != "auto" and attention.kernel_module_present(impl)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel_equals_p_true_from_a_full_forward(tiny_model, token_sequences, impl):
   config, params = tiny_model
-  assert cpu_kernels.attention_usable(config)  # so these scores' attention runs through cpu_attention.cc
-  got = rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS)
-  want = reference_log_probs(params, config, token_sequences, ANSWER_IDS)
-  np.testing.assert_allclose(np.exp(got), np.exp(want), atol=1e-5, rtol=0)
+  assert impl != "cpu_ffi" or cpu_build.attention_usable(config)  # this machine has the CPU kernels
+  got = rerank.score_token_sequences(params, dataclasses.replace(config, attention_impl=impl), token_sequences,
+                                     ANSWER_IDS)
+  want = reference_log_probs(params, dataclasses.replace(config, attention_impl="xla"), token_sequences, ANSWER_IDS)
+  np.testing.assert_allclose(got, want, atol=LOG_P_ATOL, rtol=0)
+  np.testing.assert_allclose(np.exp(got), np.exp(want), atol=P_ATOL, rtol=0)
   normalised = lambda lp: 1 / (1 + np.exp(lp[:, 1] - lp[:, 0]))
   np.testing.assert_allclose(normalised(got), normalised(want), atol=1e-5, rtol=0)
+
+
+def test_a_suffix_position_restarting_at_0_moves_p_true_far_beyond_the_tolerance(tiny_model, token_sequences,
+                                                                                 monkeypatch):
+  # The broken variant the comparison above guards against: the suffix after the shared prefix at positions 0..
+  # instead of prefix_length... (the prefix's keys are still attended). Its P("True") must miss by >> 1e-5.
+  config, params = tiny_model
+  score = rerank.score_token_batch
+
+  def restarted(params, config, prefix_cache, prefix_length, tokens, lengths, answer_ids, num_tokens=0,
+                num_shards=1):
+    return score(params, config, prefix_cache, prefix_length * 0, tokens, lengths, answer_ids, num_tokens, num_shards)
+
+  monkeypatch.setattr(rerank, "score_token_batch", restarted)
+  got = rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS)
+  want = reference_log_probs(params, config, token_sequences, ANSWER_IDS)
+  assert np.abs(got - want).max() > 100 * LOG_P_ATOL
+  assert np.abs(np.exp(got) - np.exp(want)).max() > 10 * P_ATOL
 
 
 def test_bucketing_batching_and_shared_prefix_do_not_change_scores(tiny_model, token_sequences, monkeypatch):
@@ -84,14 +115,15 @@ def test_bucketing_batching_and_shared_prefix_do_not_change_scores(tiny_model, t
       "tiny token budget": dict(max_batch_tokens=48),
       "padding slots computed (no compaction)": dict(compact_granularity=0),
       "compaction in 4-token units": dict(compact_granularity=4),
-      "attention in XLA, not the CPU kernel": dict(use_cpu_kernels=False),
+      "attention in XLA, not the CPU kernel": dict(config=dataclasses.replace(config, attention_impl="blockwise")),
       "reversed order": None,
   }
   for name, kwargs in variants.items():
     if kwargs is None:
       got = np.exp(rerank.score_token_sequences(params, config, token_sequences[::-1], ANSWER_IDS))[::-1]
     else:
-      got = np.exp(rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS, **kwargs))
+      kwargs = {"config": config, **kwargs}
+      got = np.exp(rerank.score_token_sequences(params, sequences=token_sequences, answer_ids=ANSWER_IDS, **kwargs))
     np.testing.assert_allclose(got, default, atol=1e-5, rtol=0, err_msg=name)
 
 
