@@ -1,0 +1,1 @@
+"""Hardware-specific attention kernels behind the model's one attention dispatcher."""
