@@ -215,7 +215,8 @@ _MESH_SCRIPT = textwrap.dedent("""
         text = run.lower(q, k, v).as_text()
         out, grads = run(q, k, v)
       diff = max(float(jnp.abs(a - b).max()) for a, b in zip((out, *grads), (one_out, *one_grads)))
-      print(name, "mesh_vs_one_device", diff, "shard_map_in_program", "shard_map" in text or "sdy.manual_computation" in text)
+      manual = "shard_map" in text or "sdy.manual_computation" in text
+      print(name, "mesh_vs_one_device", diff, "shard_map_in_program", manual)
     try:
       with step.sharding_context(mesh, sharding.logical_axis_rules([(axes.LENGTH, axes.TENSOR)])):
         jax.jit(functools.partial(splash.splash_attention, interpret=True))(q, k, v, seg)
@@ -248,3 +249,19 @@ def test_partition_specs_follow_the_logical_rules():
   with nn.logical_axis_rules(sharding.logical_axis_rules([("activation_kv_heads", None)])):
     with pytest.raises(ValueError, match="GQA needs each device's query heads beside"):
       kernel_sharding.kernel_partition_specs(mesh, (4, 8, 4, 2), 2, "test")
+
+
+def test_splash_kernels_carry_a_causal_cost_estimate():
+  """XLA's cost model and scheduler see splash's FLOPs (splash.py: _PallasWithSplashCosts): matmuls over the
+  n(n+1)/2 blocks a causal mask leaves of n x n, 2 / 3 / 4 per block in the forward / dQ / dK-dV kernels."""
+  # pylint: disable=protected-access,g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  assert isinstance(splash_attention_kernel.pl, splash._PallasWithSplashCosts)
+  q = jax.ShapeDtypeStruct((32, 4096, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((8, 4096, 128), jnp.bfloat16)
+  args = (None, None, None, q, kv, kv)
+  visible = 4096 * 4096 * 9 / 16  # 8 blocks of 512: 36 of 64 computed
+  for phase, matmuls in (("fwd", 2), ("dq", 3), ("dkv", 4)):
+    estimate = splash._cost_estimate(f"splash_mha_{phase}_segmented", (32, 8, 8), args)
+    assert estimate.flops == int(2 * 32 * visible * 128 * matmuls)
+  assert splash._cost_estimate("some_other_kernel", (1,), args) is None

@@ -20,8 +20,10 @@ import functools
 
 import gin
 import jax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
 
 from rankrag_jax.backends import kernel_sharding
 from rankrag_jax.model import ops
@@ -53,6 +55,58 @@ class SplashBlocks:
                        f"({self.block_kv_compute})")
 
 
+# Matmuls of [block_q, D] x [D, block_kv] size per computed block, by splash phase: the forward computes scores
+# and P.V; the dQ kernel recomputes the scores, dP = dO.V^T and dQ = dS.K; the dK/dV kernel recomputes the scores
+# and dP, then dV = P^T.dO and dK = dS^T.Q (a fused backward also dQ: counted as separate, the default).
+_MATMULS_PER_PHASE = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def _cost_estimate(name: str, grid, args) -> pl.CostEstimate | None:
+  """XLA's cost of one splash pallas_call: its matmul FLOPs over the blocks a causal mask leaves (n(n+1)/2 of
+  n x n), one exp per computed score, and q/k/v/out read or written once per pass over them."""
+  phase = name.split("_")[2] if name.startswith("splash_") else None
+  if phase not in _MATMULS_PER_PHASE or len(args) < 6:
+    return None
+  q, k = args[3], args[4]
+  heads, q_len, head_dim = q.shape
+  kv_len, blocks = k.shape[-2], grid[-1]
+  visible = q_len * kv_len * (blocks + 1) / (2 * blocks)
+  flops = 2 * heads * visible * head_dim * _MATMULS_PER_PHASE[phase]
+  io_bytes = sum(x.size * x.dtype.itemsize for x in args[3:6]) * (3 if phase != "fwd" else 2)
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(heads * visible), bytes_accessed=int(io_bytes))
+
+
+class _PallasWithSplashCosts:
+  """`jax.experimental.pallas` as splash's module sees it, except that each splash pallas_call carries a cost
+  estimate. Splash (jax 0.10.2) gives its kernels none, so XLA's cost model and its latency-hiding scheduler took
+  them as free: an 8B-shaped splash forward + backward compiled for v5p to 2.5e8 FLOPs and 0.5 ms, against
+  4.8e11 FLOPs of attention (the scheduler then has no kernel time to hide the FSDP all-gathers behind, and
+  train_compile's step time would leave attention out). With the estimate XLA times the kernel by its own
+  roofline, as it times its own matmuls."""
+
+  def __getattr__(self, attribute):
+    return getattr(pl, attribute)
+
+  @staticmethod
+  def pallas_call(kernel, *args, name=None, cost_estimate=None, grid_spec=None, **kwargs):
+    call = pl.pallas_call(kernel, *args, name=name, cost_estimate=cost_estimate, grid_spec=grid_spec, **kwargs)
+    if cost_estimate is not None or name is None or grid_spec is None:
+      return call
+
+    def with_estimate(*call_args):
+      estimate = _cost_estimate(name, grid_spec.grid, call_args)
+      if estimate is None:
+        return call(*call_args)
+      return pl.pallas_call(kernel, *args, name=name, cost_estimate=estimate, grid_spec=grid_spec,
+                            **kwargs)(*call_args)
+    return with_estimate
+
+
+# Splash looks `pl.pallas_call` up in its module at every call, forward and backward (the backward kernels are
+# traced when the gradient is, outside any scope we could hold), so the estimate goes in at the module.
+splash_attention_kernel.pl = _PallasWithSplashCosts()
+
+
 def padded_length(length: int, blocks: SplashBlocks) -> int:
   """The row length the kernel runs at: a multiple of every (clamped) block."""
   lanes = -(-length // _LANES) * _LANES
@@ -60,11 +114,10 @@ def padded_length(length: int, blocks: SplashBlocks) -> int:
   return -(-length // step) * step
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(heads: int, length: int, blocks: SplashBlocks, interpret: bool):
-  """The splash kernel for `heads` query heads over rows of `length` slots (the mask is processed once, in
-  numpy, per shape). Its residuals carry ops.ATTENTION_RESIDUALS' output name, so a remat policy that keeps
-  them (`dots`) spares the backward pass a forward kernel."""
+  """The splash kernel for `heads` query heads over rows of `length` slots (splash caches the mask's numpy
+  processing per shape, so the scanned layers' traces share it). Its residuals carry ops.ATTENTION_RESIDUALS'
+  output name, so a remat policy that keeps them (`dots`) spares the backward pass a forward kernel."""
   clamp = lambda b: min(b, length)
   backward = clamp(blocks.block_backward)
   sizes = splash.BlockSizes(
@@ -75,9 +128,8 @@ def _kernel(heads: int, length: int, blocks: SplashBlocks, interpret: bool):
       block_kv_dq=None if blocks.fused_backward else backward,
       use_fused_bwd_kernel=blocks.fused_backward)
   mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
-  with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  residual_checkpoint_name=ops.ATTENTION_RESIDUALS[0], interpret=interpret)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                residual_checkpoint_name=ops.ATTENTION_RESIDUALS[0], interpret=interpret)
 
 
 def _splash_one_device(q: Array, k: Array, v: Array, segment_ids: Array, *, blocks: SplashBlocks,
