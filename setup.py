@@ -6,8 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="RankRAG: context ranking + retrieval-augmented generation in one Llama, in JAX/Flax.",
     packages=setuptools.find_packages(include=["rankrag_jax", "rankrag_jax.*"]),
-    # The decode kernel's C++ source: compiled on first use by rankrag_jax/model/row_matmul.py.
-    package_data={"rankrag_jax.model": ["*.cc"]},
+    # The CPU kernels' C++ sources: compiled on first use by rankrag_jax/backends/cpu/build.py.
+    package_data={"rankrag_jax.backends.cpu": ["*.cc", "*.h"]},
     python_requires=">=3.11",
     # Exact versions: the combination this project is tested with (jax/flax/orbax move fast together).
     install_requires=[

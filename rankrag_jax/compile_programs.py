@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from rankrag_jax import rerank
 from rankrag_jax import sharding
+from rankrag_jax.model import attention
 from rankrag_jax.model import axes
 from rankrag_jax.model import llama
 from rankrag_jax.model.config import LlamaConfig
@@ -138,6 +139,7 @@ def score_workload(mesh, rules, rows_per_data_shard: int = 64,
   replicated = sharding.replicated(mesh)
 
   def build(config: LlamaConfig) -> Program:
+    config = attention.for_target(config, mesh)  # the slice's platform, not this host's
     param_shapes = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(0)))
     param_shardings = sharding.logical_to_sharding(llama.param_logical_axes(config), mesh, rules)
     sharding.check_divisible(param_shapes, param_shardings)

@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rankrag_jax import backends
+from rankrag_jax.backends.cpu import decode as cpu_decode
+from rankrag_jax.backends.cpu.decode import DecodeWeights, lm_head_logits, make_decode_weights
+from rankrag_jax.model import attention
 from rankrag_jax.model import axes
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model import llama
-from rankrag_jax.model import ops
 from rankrag_jax.model import token_layout
-from rankrag_jax.model.decode_weights import DecodeWeights, lm_head_logits, make_decode_weights
 from rankrag_jax.model.llama import Llama
 
 Array = jax.Array
@@ -111,7 +113,7 @@ def decode_batch(params: dict, weights: DecodeWeights | None, config: LlamaConfi
       copies of the layer weights to run with a per-layer cache, and the LM head (`DecodeWeights`). On XLA:CPU,
       stepping the stacked layers copies every layer's weights out of the stack at each step (~40% of a batch-8
       SmolLM2 step).
-    config: the model's config (static).
+    config: the model's config (static; its attention_impl resolved for the target, `attention.for_target`).
     kv_buffer: {"k", "v"} of `empty_kv_buffer` for B rows and T + max_new_tokens slots, whatever they hold (a
       previous call's cache): the call writes its KV cache there (jitted: donated) and returns it. Every slot is
       written before it is read.
@@ -139,12 +141,11 @@ def decode_batch(params: dict, weights: DecodeWeights | None, config: LlamaConfi
   if unstack_layers:  # each step reads every layer's weights and cache in place.
     # The prompt's products (hundreds of rows) run as XLA's dots on the [K, N] copies, decode steps' on the
     # panel copies when there are some.
-    prefill_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.layers,
-                                        cpu_attention=weights.cpu_kernels)
+    prefill_forward = functools.partial(cpu_decode.unstacked_hidden_states, config, params, weights.layers)
     step_forward = prefill_forward
-    if weights.cpu_kernels:
-      step_forward = functools.partial(llama.unstacked_hidden_states, config, params, weights.panel_layers,
-                                       panel_kernels=True, cpu_attention=True)
+    if weights.has_panels:
+      step_forward = functools.partial(cpu_decode.unstacked_hidden_states, config, params, weights.panel_layers,
+                                       panels=True)
     lm_head = functools.partial(lm_head_logits, config, weights)
   else:
     step_forward = prefill_forward = functools.partial(model.apply, {"params": params}, method=Llama.hidden_states)
@@ -234,11 +235,11 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], multiple: int = 1) 
 
 
 @functools.cache
-def _jitted_decode_batch(backend: str):
-  """decode_batch jitted for `backend`; on CPU with `compiler_options`."""
+def _jitted_decode_batch(platform: str):
+  """decode_batch jitted for the target `platform`, with its `backends.compiler_options`."""
   return jax.jit(decode_batch, static_argnames=("config", "max_new_tokens", "sample", "prefix_length", "num_tokens",
                                                 "num_shards"),
-                 donate_argnames="kv_buffer", compiler_options=ops.compiler_options(backend))
+                 donate_argnames="kv_buffer", compiler_options=backends.compiler_options(platform))
 
 
 @gin.configurable
@@ -308,6 +309,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     raise ValueError(f"generate: compact_granularity must be >= 0 (0: no compaction), got {compact_granularity}")
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+  config = attention.for_target(config, mesh)
   if isinstance(decode_weights, str):
     if decode_weights != "auto":
       raise ValueError("generate: decode_weights must be make_decode_weights(params, config), None or 'auto', got "
@@ -339,7 +341,7 @@ def generate(params: dict, config: LlamaConfig, prompts: Sequence[Sequence[int]]
     row_ids = np.asarray(rows + [0] * (padded_rows - len(rows)), np.uint32)
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
     tokens, lengths, row_keys = shard_batch((tokens, lengths, row_keys), mesh)
-    decode = _jitted_decode_batch(jax.default_backend())
+    decode = _jitted_decode_batch(attention.target_platform(mesh))
     kv_shape = (padded_rows, bucket + max_new_tokens, decode_weights is not None)
     make_kv = lambda: empty_kv_buffer(config, *kv_shape, mesh)
     kv = make_kv() if kv_buffers is None else kv_buffers.take(kv_shape, make_kv)

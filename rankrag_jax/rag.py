@@ -31,7 +31,7 @@ from rankrag_jax import assets, cli, prompts, rerank, sharding
 from rankrag_jax.convert import load
 from rankrag_jax.generate import KVBuffers, generate, max_new_tokens_for_task
 from rankrag_jax.model.config import LlamaConfig
-from rankrag_jax.model.decode_weights import DecodeWeights, make_decode_weights
+from rankrag_jax.backends.cpu.decode import DecodeWeights, make_decode_weights
 from rankrag_jax.model.llama import param_logical_axes
 from rankrag_jax.retrieval import bm25, dense
 from rankrag_jax.retrieval import corpus as corpus_lib
@@ -49,8 +49,8 @@ class RagError(ValueError):
 @dataclasses.dataclass(frozen=True, eq=False)
 class RagModel:
   """One Llama that both reranks and generates, with its tokenizer, (on >1 device) the mesh, the weights
-  generation decodes from (`decode_weights.make_decode_weights`: made once at load; "auto": per generate call) and the
-  KV cache memory its calls reuse (`generate.KVBuffers`)."""
+  generation decodes from (`backends.cpu.decode.make_decode_weights`: made once at load; "auto": per generate call)
+  and the KV cache memory its calls reuse (`generate.KVBuffers`)."""
   config: LlamaConfig
   params: dict
   tokenizer: object

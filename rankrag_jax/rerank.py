@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rankrag_jax import backends
 from rankrag_jax import prompts
 from rankrag_jax.generate import data_parallel_size, length_bucket, shard_batch, shared_prefix_length
-from rankrag_jax.model import cpu_kernels
-from rankrag_jax.model import ops
+from rankrag_jax.model import attention
 from rankrag_jax.model import token_layout
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama, init_cache
@@ -40,10 +40,9 @@ class PassageScores:
   prompt_lengths: np.ndarray     # [N] prompt tokens after truncation.
 
 
-def prefill_prefix(params: dict, config: LlamaConfig, tokens: Array, length: Array, cpu_attention: bool = False
-                   ) -> dict:
+def prefill_prefix(params: dict, config: LlamaConfig, tokens: Array, length: Array) -> dict:
   """Runs the shared prompt prefix (tokens [1, P], the first `length` real) into a batch-1 KV cache of P slots."""
-  model = Llama(config, cpu_attention)
+  model = Llama(config)
   slots = jnp.arange(tokens.shape[1])[None, :]
   segment_ids = (slots < length).astype(jnp.int32)
   cache = init_cache(config, 1, tokens.shape[1])
@@ -53,11 +52,11 @@ def prefill_prefix(params: dict, config: LlamaConfig, tokens: Array, length: Arr
 
 def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, prefix_length: Array,
                       tokens: Array, lengths: Array, answer_ids: Array, num_tokens: int = 0,
-                      num_shards: int = 1, cpu_attention: bool = False) -> Array:
+                      num_shards: int = 1) -> Array:
   """Log-probabilities of the answer tokens after each prompt: [B, len(answer_ids)].
 
   Args:
-    params, config: the model.
+    params, config: the model (config's attention_impl resolved for the target: `attention.for_target`).
     prefix_cache: `prefill_prefix`'s batch-1 cache of the shared prefix (index = its padded length).
     prefix_length: int32 scalar, the prefix's real token count (its pad slots are segment 0, never attended).
     tokens: int32 [B, T] the rest of each prompt, right-padded.
@@ -66,9 +65,8 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
     num_tokens: 0, or the compact token budget per data shard (static, `token_layout.prefill_token_budget`):
       projections and MLP then run on the real suffix tokens only.
     num_shards: the data shards the rows are split over (static; with num_tokens).
-    cpu_attention: attention through `cpu_kernels.cached_attention` (static; `cpu_kernels.attention_usable`).
   """
-  model = Llama(config, cpu_attention)
+  model = Llama(config)
   batch, suffix_len = tokens.shape
 
   def widen(x, batch_axis, slot_axis):  # the prefix (batch 1, P slots) for every row, then T empty slots.
@@ -77,7 +75,7 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
     return jnp.concatenate([x, empty], axis=slot_axis)
 
   # The prefix filled all of its P slots, so the suffix starts at slot P: a static index, with which the suffix
-  # attends block by block to the keys up to each block's end (ops.prefill_blockwise_attention; the CPU kernel
+  # attends block by block to the keys up to each block's end (ops.prefill_blockwise_attention; the cpu_ffi kernel
   # cuts each tile's keys there too).
   cache = {"k": widen(prefix_cache["k"], 1, 3), "v": widen(prefix_cache["v"], 1, 3),  # [L, B, Kh, S, D]
            "segment_ids": widen(prefix_cache["segment_ids"], 0, 1), "index": prefix_cache["segment_ids"].shape[1]}
@@ -95,8 +93,8 @@ def score_token_batch(params: dict, config: LlamaConfig, prefix_cache: dict, pre
 
 
 @functools.cache
-def _jitted(fn: Callable, backend: str, static_argnames: tuple[str, ...] = ("config",)) -> Callable:
-  return jax.jit(fn, static_argnames=static_argnames, compiler_options=ops.compiler_options(backend))
+def _jitted(fn: Callable, platform: str, static_argnames: tuple[str, ...] = ("config",)) -> Callable:
+  return jax.jit(fn, static_argnames=static_argnames, compiler_options=backends.compiler_options(platform))
 
 
 def suffix_bucket(length: int, multiple: int = 16) -> int:
@@ -131,12 +129,12 @@ def _batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_rows: int,
 @gin.configurable(denylist=["params", "config", "sequences", "answer_ids"])
 def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence[Sequence[int]],
                           answer_ids: Sequence[int], max_batch_tokens: int = 8192, max_batch_rows: int = 16,
-                          share_prefix: bool = True, mesh: Mesh | None = None, compact_granularity: int = 16,
-                          use_cpu_kernels: bool = True) -> np.ndarray:
+                          share_prefix: bool = True, mesh: Mesh | None = None,
+                          compact_granularity: int = 16) -> np.ndarray:
   """Log-probabilities [N, A] of `answer_ids` as the next token after each sequence (token-id prompts).
 
   Args:
-    params, config: the model.
+    params, config: the model (attention as `config.attention_impl` resolves for the mesh's platform).
     sequences: N prompts as token ids (each non-empty).
     answer_ids: A vocabulary ids to score.
     max_batch_tokens: rows x padded length per batch (bounds activation memory).
@@ -145,7 +143,6 @@ def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence
     mesh: when given with >1 data-parallel device, batches are split over its data axes.
     compact_granularity: each batch's projections and MLP run on its real tokens only, their count rounded up to
       this (one compiled program per count); 0 computes the padding slots too.
-    use_cpu_kernels: on XLA:CPU (f32, one device), attention runs on the thread pool (`model/cpu_attention.cc`).
   """
   if compact_granularity < 0:
     raise ValueError(f"score_token_sequences: compact_granularity must be >= 0 (0: no compaction), "
@@ -157,10 +154,9 @@ def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence
   prefix_len = shared_prefix_length(sequences) if share_prefix else 0
   prefix = np.zeros((1, length_bucket(max(prefix_len, 1))), np.int32)
   prefix[0, :prefix_len] = sequences[0][:prefix_len]
-  backend = jax.default_backend()
-  cpu_attention = use_cpu_kernels and cpu_kernels.attention_usable(config, mesh)
-  prefix_cache = _jitted(prefill_prefix, backend, ("config", "cpu_attention"))(
-      params, config, jnp.asarray(prefix), jnp.int32(prefix_len), cpu_attention=cpu_attention)
+  platform = attention.target_platform(mesh)
+  config = attention.for_target(config, mesh)
+  prefix_cache = _jitted(prefill_prefix, platform)(params, config, jnp.asarray(prefix), jnp.int32(prefix_len))
   suffixes = [s[prefix_len:] for s in sequences]
   answers = jnp.asarray(answer_ids, jnp.int32)
   multiple = data_parallel_size(mesh)
@@ -175,9 +171,9 @@ def score_token_sequences(params: dict, config: LlamaConfig, sequences: Sequence
     num_tokens = token_layout.prefill_token_budget(np.arange(bucket)[None, :] < lengths[:, None], multiple,
                                                    compact_granularity)
     tokens, lengths = shard_batch((tokens, lengths), mesh)
-    score_batch = _jitted(score_token_batch, backend, ("config", "num_tokens", "num_shards", "cpu_attention"))
+    score_batch = _jitted(score_token_batch, platform, ("config", "num_tokens", "num_shards"))
     log_probs = score_batch(params, config, prefix_cache, jnp.int32(prefix_len), tokens, lengths, answers,
-                            num_tokens=num_tokens, num_shards=multiple, cpu_attention=cpu_attention)
+                            num_tokens=num_tokens, num_shards=multiple)
     out[rows] = np.asarray(log_probs)[:len(rows)]
   return out
 

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rankrag_jax.model import cpu_kernels, llama, ops, row_matmul, token_layout
+from rankrag_jax.backends.cpu import attention as cpu_attention
+from rankrag_jax.backends.cpu import build as cpu_build
+from rankrag_jax.backends.cpu import row_matmul
+from rankrag_jax.model import attention, ops, token_layout
 
 
 def dense_dimension_numbers(lead_ndim: int, in_ndim: int):
@@ -26,7 +29,7 @@ def dense_dimension_numbers(lead_ndim: int, in_ndim: int):
     ((129,), (40,), (16,)),  # more rows: XLA's dot on the restored kernel
 ])
 def test_panel_dot_general_equals_dot_general(lead, k_in, n_out):
-  assert cpu_kernels.available()  # compiled with the host's compiler into the cache
+  assert cpu_build.available()  # compiled with the host's compiler into the cache
   x = jax.random.normal(jax.random.key(0), lead + k_in)
   kernel = jax.random.normal(jax.random.key(1), k_in + n_out)
   numbers = dense_dimension_numbers(len(lead), len(k_in))
@@ -67,10 +70,10 @@ def cache_attention_inputs(batch, queries, heads, kv_heads, slots, head_dim, sta
     (2, 5, 8, 2, 300, 128, 100),  # Llama-3's head_dim
 ])
 def test_cache_attention_equals_xla_attention(shape):
-  assert cpu_kernels.available()
+  assert cpu_build.available()
   q, k, v, mask, real = cache_attention_inputs(*shape)
-  want = ops._grouped_attention(q, k, v, mask)
-  got = jax.jit(cpu_kernels.cached_attention)(q, k, v, mask)
+  want = ops.cached_attention(q, k, v, mask)
+  got = jax.jit(cpu_attention.cached_attention)(q, k, v, mask)
   real = np.asarray(real)[:, :, None, None]
   np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.where(real, 0, got), 0)  # padding queries (they see no slot): zeros
@@ -81,14 +84,14 @@ def test_cache_attention_under_a_mask_with_holes():
   # prompt, a gap, then its new tokens): a random one, every row seeing at least slot 0.
   q, k, v, _, _ = cache_attention_inputs(2, 6, 6, 2, 37, 32, 0)
   mask = jax.random.bernoulli(jax.random.key(5), 0.4, (2, 1, 6, 37)).at[:, :, :, 0].set(True)
-  np.testing.assert_allclose(cpu_kernels.cached_attention(q, k, v, mask), ops._grouped_attention(q, k, v, mask),
+  np.testing.assert_allclose(cpu_attention.cached_attention(q, k, v, mask), ops.cached_attention(q, k, v, mask),
                              rtol=1e-5, atol=1e-5)
 
 
 def test_cache_attention_names_the_shapes_it_cannot_take():
   q, k, v, mask, _ = cache_attention_inputs(2, 3, 6, 4, 10, 16, 0)  # 6 query heads over 4 kv heads
   with pytest.raises(ValueError, match=r"H a multiple of Kh.*got q \(2, 3, 6, 16\), k \(2, 4, 10, 16\)"):
-    cpu_kernels.cached_attention(q, k, v, mask)
+    cpu_attention.cached_attention(q, k, v, mask)
 
 
 def packed_rows(batch, length, seed):
@@ -110,12 +113,12 @@ def packed_rows(batch, length, seed):
     (3, 21, 4, 4, 8),  # no grouping (MHA); a head size of one vector (D % 16 == 8)
 ])
 def test_training_attention_and_its_gradients_equal_xla(batch, length, heads, kv_heads, head_dim):
-  assert cpu_kernels.available()
+  assert cpu_build.available()
   keys = jax.random.split(jax.random.key(batch), 4)
   q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
   k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[1:3])
   segments = packed_rows(batch, length, seed=length)
-  mask = llama.attention_mask(segments, segments)
+  mask = attention.attention_mask(segments, segments)
   real = np.asarray(segments > 0)[:, :, None, None]
   # Padding rows see no key: the kernel gives them zeros, XLA an average; a loss never reads them.
   weights = jax.random.normal(keys[3], q.shape) * real
@@ -126,7 +129,7 @@ def test_training_attention_and_its_gradients_equal_xla(batch, length, heads, kv
 
   xla_attention = lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask)
   want_grads, want = jax.grad(functools.partial(loss, xla_attention), (0, 1, 2), has_aux=True)(q, k, v)
-  got_grads, got = jax.jit(jax.grad(functools.partial(loss, cpu_kernels.training_attention), (0, 1, 2),
+  got_grads, got = jax.jit(jax.grad(functools.partial(loss, cpu_attention.training_attention), (0, 1, 2),
                                     has_aux=True))(q, k, v)
   np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.where(real, 0, got), 0)
@@ -158,13 +161,13 @@ def test_kernels_read_and_write_compact_query_tokens_as_the_rows():
   q_index = token_layout.flat_compact_index(layout)
   q = jax.random.normal(keys[0], (batch, length, heads, head_dim)) * (segments > 0)[:, :, None, None]
   k, v = (jax.random.normal(key, (batch, length, kv_heads, head_dim)) for key in keys[1:3])
-  mask = llama.attention_mask(segments, segments)
+  mask = attention.attention_mask(segments, segments)
   weights = token_layout.to_compact(jax.random.normal(keys[3], q.shape), layout)
   q_compact = token_layout.to_compact(q, layout)
   unused = np.asarray(layout.compact_slots[0]) == batch * length
 
   def loss(q, k, v, index, weights):
-    out = cpu_kernels.training_attention(q, k, v, mask, index)
+    out = cpu_attention.training_attention(q, k, v, mask, index)
     return jnp.sum(out * weights), out
 
   grad = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))
@@ -179,21 +182,21 @@ def test_kernels_read_and_write_compact_query_tokens_as_the_rows():
   np.testing.assert_array_equal(np.asarray(dq)[0, unused], 0)
   assert float(jnp.max(jnp.abs(dq))) > 0.1
   cache_k, cache_v = (jnp.swapaxes(x, 1, 2) for x in (k, v))
-  cached = cpu_kernels.cached_attention(q_compact, cache_k, cache_v, mask, q_index)
+  cached = cpu_attention.cached_attention(q_compact, cache_k, cache_v, mask, q_index)
   np.testing.assert_allclose(cached, out, rtol=1e-6, atol=1e-6)
 
 
 def test_training_attention_names_the_shapes_it_cannot_take():
   q, kv = jnp.zeros((2, 5, 6, 16)), jnp.zeros((2, 5, 4, 16))  # 6 query heads over 4 kv heads
   with pytest.raises(ValueError, match=r"H a multiple of Kh.*got q \(2, 5, 6, 16\), k \(2, 5, 4, 16\)"):
-    cpu_kernels.training_attention(q, kv, kv, jnp.ones((2, 1, 5, 5), bool))
+    cpu_attention.training_attention(q, kv, kv, jnp.ones((2, 1, 5, 5), bool))
 
 
 def test_without_a_compiler_it_is_unavailable_and_says_why(tmp_path, monkeypatch):
   monkeypatch.setenv("RANKRAG_JAX_CACHE", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")
   warnings = []
-  monkeypatch.setattr(cpu_kernels.logging, "warning", lambda msg, *args: warnings.append(msg % args))
-  assert cpu_kernels.available.__wrapped__() is False
+  monkeypatch.setattr(cpu_build.logging, "warning", lambda msg, *args: warnings.append(msg % args))
+  assert cpu_build.available.__wrapped__() is False
   assert len(warnings) == 1 and "no C++ compiler 'no-such-compiler'" in warnings[0]
   assert not list((tmp_path / "kernels").glob("*.so"))

@@ -11,7 +11,8 @@ import pytest
 
 from rankrag_jax import generate as generate_lib
 from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import decode_weights as decode_weights_lib
+from rankrag_jax.backends.cpu import build as cpu_build
+from rankrag_jax.backends.cpu import decode as decode_weights_lib
 from rankrag_jax.model import llama
 
 MAX_NEW = 10
@@ -67,8 +68,10 @@ def decode_weights(params, config, kind):
   """The weights generate steps: "panels" (the CPU default), "unstacked" (per-layer, XLA dots) or "stacked"."""
   if kind == "stacked":
     return None
-  weights = decode_weights_lib.make_decode_weights(params, config, use_cpu_kernels=kind == "panels")
-  assert weights.cpu_kernels == (kind == "panels")  # "panels" needs the compiled CPU kernels
+  # Panel copies are made where attention_impl resolves to cpu_ffi (this machine has the compiled CPU kernels).
+  weights_config = config if kind == "panels" else dataclasses.replace(config, attention_impl="blockwise")
+  weights = decode_weights_lib.make_decode_weights(params, weights_config)
+  assert weights.has_panels == (kind == "panels")
   return weights
 
 
@@ -76,15 +79,15 @@ DECODE_WEIGHTS = ["panels", "unstacked", "stacked"]
 
 
 def test_decode_weights_keep_the_kernels_layout_without_cpu_kernels(tiny_model, monkeypatch):
-  # No C++ compiler (cpu_kernels unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
+  # No C++ compiler (CPU kernels unavailable), or bf16 weights: per-layer copies in the kernels' own layout.
   config, params = tiny_model
-  monkeypatch.setattr(decode_weights_lib.cpu_kernels, "available", lambda: False)
+  monkeypatch.setattr(cpu_build, "available", lambda: False)
   weights = decode_weights_lib.make_decode_weights(params, config)
-  assert not weights.cpu_kernels
+  assert not weights.has_panels
   np.testing.assert_array_equal(weights.layers[1]["mlp"]["up_proj"]["kernel"],
                                 params["layers"]["mlp"]["up_proj"]["kernel"][1])
   monkeypatch.undo()
-  assert not decode_weights_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).cpu_kernels
+  assert not decode_weights_lib.make_decode_weights(params, dataclasses.replace(config, dtype=jnp.bfloat16)).has_panels
 
 
 @pytest.mark.parametrize("compact", [16, 0], ids=["compact_prefill", "padded_prefill"])
@@ -127,8 +130,8 @@ def test_panel_layers_compute_what_the_layers_compute(tiny_model):
   tokens = jnp.array([[5, 9, 2, 7], [3, 3, 8, 1]])
   positions, segment_ids = jnp.broadcast_to(jnp.arange(4), tokens.shape), jnp.ones_like(tokens)
   cache = llama.init_cache(config, 2, 8, per_layer=True)
-  hidden = lambda layers, panels: llama.unstacked_hidden_states(config, params, layers, tokens, positions,
-                                                                segment_ids, cache, panel_kernels=panels)
+  hidden = lambda layers, panels: decode_weights_lib.unstacked_hidden_states(config, params, layers, tokens, positions,
+                                                                             segment_ids, cache, panels=panels)
   (got, got_cache), (want, want_cache) = hidden(weights.panel_layers, True), hidden(weights.layers, False)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   for name in ("k", "v"):

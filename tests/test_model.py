@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import cpu_kernels
-from rankrag_jax.model import decode_weights
+from rankrag_jax.backends.cpu import attention as cpu_attention
+from rankrag_jax.backends.cpu import build as cpu_build
+from rankrag_jax.backends.cpu import decode as cpu_decode
+from rankrag_jax.model import attention
 from rankrag_jax.model import llama
 from rankrag_jax.model import ops
 from rankrag_jax.model import token_layout
@@ -70,13 +72,13 @@ def test_unstacked_layers_with_per_layer_cache_equal_the_scanned_forward(tiny, r
   config = dataclasses.replace(config, remat_policy=remat_policy)
   tokens = _tokens(10, (2, 12))
   full = _forward(config, params, tokens)
-  layers = decode_weights.unstack_layers(params)
+  layers = cpu_decode.unstack_layers(params)
   assert len(layers) == config.num_layers
   cache = llama.init_cache(config, batch_size=2, max_length=16, per_layer=True)
   pieces = []
   for start, end in [(0, 7), (7, 8), (8, 12)]:
     positions = jnp.broadcast_to(jnp.arange(start, end, dtype=jnp.int32), (2, end - start))
-    hidden, cache = llama.unstacked_hidden_states(config, params, layers, tokens[:, start:end], positions,
+    hidden, cache = cpu_decode.unstacked_hidden_states(config, params, layers, tokens[:, start:end], positions,
                                                   jnp.ones((2, end - start), jnp.int32), cache)
     pieces.append(llama.Llama(config).apply({"params": params}, hidden, method=llama.Llama.logits_from_hidden))
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=ATOL)
@@ -99,8 +101,8 @@ def test_last_layer_at_output_slots_only_equals_the_full_forward_there(tiny, com
   expected = np.take_along_axis(np.asarray(full), np.asarray(slots)[..., None], axis=1)
   stacked, _ = model.apply({"params": params}, tokens, positions, segment_ids, prefix_cache(False), layout=layout,
                            output_slots=slots, method=llama.Llama.hidden_states)
-  layers = decode_weights.unstack_layers(params)
-  pruned, cache = llama.unstacked_hidden_states(config, params, layers, tokens, positions, segment_ids,
+  layers = cpu_decode.unstack_layers(params)
+  pruned, cache = cpu_decode.unstacked_hidden_states(config, params, layers, tokens, positions, segment_ids,
                                                 prefix_cache(True), layout=layout, output_slots=slots)
   assert pruned.shape == stacked.shape == (2, 2, config.hidden_size)
   np.testing.assert_allclose(stacked, expected, atol=ATOL)
@@ -114,8 +116,8 @@ def test_query_slots_without_a_cache_are_refused(tiny):
   config, params = tiny
   x = jnp.zeros((1, 4, config.hidden_size))
   sin, cos = llama.rope_sin_cos(jnp.arange(4)[None], config)
-  mask = llama.attention_mask(jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
-  layer_params = decode_weights.unstack_layers(params)[0]["attn"]
+  mask = attention.attention_mask(jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  layer_params = cpu_decode.unstack_layers(params)[0]["attn"]
   with pytest.raises(ValueError, match="query_slots needs a KV cache"):
     llama.Attention(config).apply({"params": layer_params}, x, sin, cos, mask, query_slots=jnp.zeros((1, 1), jnp.int32))
 
@@ -218,7 +220,7 @@ def test_block_attention_backward_equals_autodiff_of_the_softmax_form():
   # block; the cotangent is random everywhere, padding included, so every branch of the custom backward counts.
   rng = np.random.default_rng(2)
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3], [1] * 7 + [0] * 4], jnp.int32)
-  mask = llama.attention_mask(segment_ids, segment_ids)
+  mask = attention.attention_mask(segment_ids, segment_ids)
   q = jnp.asarray(rng.normal(size=(2, 11, 6, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 11, 2, 8)), jnp.float32) for _ in range(2))
   d_out = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -244,10 +246,10 @@ def test_dots_remat_keeps_the_training_attention_statistics():
   # blockwise form, and of the CPU kernel's one call.
   q, k = jnp.ones((1, 8, 4, 8)), jnp.ones((1, 8, 2, 8))
   mask = jnp.tril(jnp.ones((8, 8), bool))[None, None]
-  assert cpu_kernels.available()
+  assert cpu_build.available()
   for attention, names, count in [(lambda q, k: ops.causal_blockwise_attention(q, k, k, mask, 4),
                                    ("attention_out", "attention_row_max", "attention_row_sum"), 2),
-                                  (lambda q, k: cpu_kernels.training_attention(q, k, k, mask),
+                                  (lambda q, k: cpu_attention.training_attention(q, k, k, mask),
                                    ("attention_out", "attention_lse"), 1)]:
     layer = jax.checkpoint(attention, policy=llama._REMAT_POLICIES["dots"])  # pylint: disable=protected-access
     with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -267,9 +269,8 @@ def test_cached_attention_equals_dot_product_attention_on_the_usual_layout(queri
   mask = jnp.asarray(rng.random((3, 1, queries, 11)) < 0.7).at[..., 0].set(True)
   expected = jax.nn.dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask)
   np.testing.assert_allclose(ops.cached_attention(q, k, v, mask), expected, atol=1e-6)
-  np.testing.assert_allclose(ops._grouped_attention(q, k, v, mask), expected, atol=1e-6)  # the non-CPU form
   if queries == 1:
-    np.testing.assert_allclose(ops._decode_step_attention(q, k, v, mask), expected, atol=1e-6)
+    np.testing.assert_allclose(ops.decode_step_attention(q, k, v, mask), expected, atol=1e-6)
 
 
 def test_prefill_blockwise_attention_equals_cached_attention_for_real_queries():
@@ -282,7 +283,7 @@ def test_prefill_blockwise_attention_equals_cached_attention_for_real_queries():
   q_segments = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
   kv_segments = np.zeros((2, slots), np.int32)
   kv_segments[:, :start], kv_segments[:, start:start + t] = 1, q_segments
-  mask = llama.attention_mask(jnp.asarray(q_segments), jnp.asarray(kv_segments), q_offset=start)
+  mask = attention.attention_mask(jnp.asarray(q_segments), jnp.asarray(kv_segments), q_offset=start)
   got = ops.prefill_blockwise_attention(q, k, v, mask, start, query_block=64)
   expected = ops.cached_attention(q, k, v, mask)
   real = q_segments.astype(bool)

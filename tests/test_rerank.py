@@ -1,5 +1,6 @@
 """The P("True") kernel equals P("True") from a plain full forward (ours and transformers'), whatever the batching."""
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from rankrag_jax import assets, prompts, rerank
 from rankrag_jax import tokenizer as tokenizer_lib
 from rankrag_jax.model import config as config_lib
-from rankrag_jax.model import cpu_kernels
+from rankrag_jax.backends.cpu import build as cpu_build
 from rankrag_jax.model import llama
 
 ANSWER_IDS = (84, 70)
@@ -63,7 +64,7 @@ def smollm2_tokenizer():
 
 def test_kernel_equals_p_true_from_a_full_forward(tiny_model, token_sequences):
   config, params = tiny_model
-  assert cpu_kernels.attention_usable(config)  # so these scores' attention runs through cpu_attention.cc
+  assert cpu_build.attention_usable(config)  # so these scores' attention runs through cpu_attention.cc
   got = rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS)
   want = reference_log_probs(params, config, token_sequences, ANSWER_IDS)
   np.testing.assert_allclose(np.exp(got), np.exp(want), atol=1e-5, rtol=0)
@@ -84,14 +85,15 @@ def test_bucketing_batching_and_shared_prefix_do_not_change_scores(tiny_model, t
       "tiny token budget": dict(max_batch_tokens=48),
       "padding slots computed (no compaction)": dict(compact_granularity=0),
       "compaction in 4-token units": dict(compact_granularity=4),
-      "attention in XLA, not the CPU kernel": dict(use_cpu_kernels=False),
+      "attention in XLA, not the CPU kernel": dict(config=dataclasses.replace(config, attention_impl="blockwise")),
       "reversed order": None,
   }
   for name, kwargs in variants.items():
     if kwargs is None:
       got = np.exp(rerank.score_token_sequences(params, config, token_sequences[::-1], ANSWER_IDS))[::-1]
     else:
-      got = np.exp(rerank.score_token_sequences(params, config, token_sequences, ANSWER_IDS, **kwargs))
+      kwargs = {"config": config, **kwargs}
+      got = np.exp(rerank.score_token_sequences(params, sequences=token_sequences, answer_ids=ANSWER_IDS, **kwargs))
     np.testing.assert_allclose(got, default, atol=1e-5, rtol=0, err_msg=name)
 
 

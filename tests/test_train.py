@@ -4,6 +4,7 @@ The multi-device and crash tests run in subprocesses: XLA's device count is fixe
 kill -9 needs a process to kill. The tiny model and the synthetic copy task (training/data.py) keep them fast.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -85,14 +86,14 @@ def test_gathered_loss_equals_full_vocabulary_projection_loss():
 
 
 def _one_step(config, batch, mesh, num_micro_batches=1, learning_rate=1e-3, max_loss_positions=16,
-              shape_bucket=0, use_cpu_kernels=True):
+              shape_bucket=0):
   """One train step from the same initial state; with shape_bucket, at the batch's planned shape (as the loop)."""
   schedule = optimizer_lib.learning_rate_schedule(learning_rate, 10, 0, decay="constant")
   optimizer = optimizer_lib.make_optimizer(schedule)
   rules = sharding.logical_axis_rules()
   step_fn, state_shardings, data_shardings, _ = step_lib.jit_train_step(
       config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
-      num_micro_batches=num_micro_batches, use_cpu_kernels=use_cpu_kernels)
+      num_micro_batches=num_micro_batches)
   state = jax.device_put(step_lib.new_train_state(llama.init_params(config, jax.random.key(0)), optimizer, 0),
                          state_shardings)
   shape = ()
@@ -129,11 +130,11 @@ def test_remat_and_unrolled_layers_take_the_same_step(overrides):
 
 @pytest.mark.parametrize("options", [{}, {"shape_bucket": 16, "num_micro_batches": 2}])
 def test_cpu_attention_kernels_take_the_same_step_as_xla(options):
-  # On one CPU device the step's attention runs cpu_attention.cc / cpu_attention_grad.cc; the same step through
-  # XLA's blockwise attention (the form every other backend and mesh runs) must update the params alike.
+  # On one CPU device "auto" resolves to cpu_attention.cc / cpu_attention_grad.cc; the same step through XLA's
+  # blockwise attention (what a CPU without a compiler runs) must update the params alike.
   config, batch, mesh = config_lib.tiny(attention_query_block=16), _copy_task_batch(length=64), sharding.make_mesh()
-  assert step_lib._model(config, mesh, use_cpu_kernels=True).cpu_attention  # pylint: disable=protected-access
-  xla, xla_metrics = _one_step(config, batch, mesh, use_cpu_kernels=False, **options)
+  assert step_lib._model(config, mesh).config.attention_impl == "cpu_ffi"  # pylint: disable=protected-access
+  xla, xla_metrics = _one_step(dataclasses.replace(config, attention_impl="blockwise"), batch, mesh, **options)
   ours, metrics = _one_step(config, batch, mesh, **options)
   np.testing.assert_allclose(metrics["loss"], xla_metrics["loss"], rtol=1e-6)
   np.testing.assert_allclose(metrics["grad_norm"], xla_metrics["grad_norm"], rtol=1e-5)

@@ -10,6 +10,9 @@ from typing import Any
 import gin
 import jax.numpy as jnp
 
+# The attention implementations `model/attention.py` dispatches to ("auto": chosen for the target platform).
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "gpu_flash", "cpu_ffi")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -44,8 +47,11 @@ class LlamaConfig:
   scan_layers: bool = True
   # Rematerialisation of each decoder layer: "none" | "full" | "dots" (save matmul outputs only).
   remat_policy: str = "none"
-  # Without a KV cache (training), split queries into blocks of this many slots, each attending only to the keys
-  # up to its end: the causal upper triangle is never computed (0 = one call over all [T, T] pairs).
+  # How attention is computed (`model/attention.py`): one of ATTENTION_IMPLS; "auto" picks for the target platform
+  # and dtype (TPU splash, GPU gpu_flash, CPU the C++ kernels or blockwise).
+  attention_impl: str = "auto"
+  # attention_impl="blockwise" without a KV cache (training): split queries into blocks of this many slots, each
+  # attending only to the keys up to its end: the causal upper triangle is never computed (0 = one [T, T] call).
   attention_query_block: int = 0
   # Projections and the LM head as 2-D [tokens, features] matmuls (ops.token_flattened_dot_general): XLA:CPU
   # runs their backward ~1.5x faster.
@@ -56,6 +62,8 @@ class LlamaConfig:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat_policy not in ("none", "full", "dots"):
       raise ValueError(f"remat_policy must be none|full|dots, got {self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if not isinstance(self.attention_query_block, int) or self.attention_query_block < 0:
       raise ValueError(f"attention_query_block must be an int >= 0 (0 = off), got {self.attention_query_block!r}")
 

@@ -17,10 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rankrag_jax.model import attention
 from rankrag_jax.model import axes
-from rankrag_jax.model import cpu_kernels
 from rankrag_jax.model import ops
-from rankrag_jax.model import row_matmul
 from rankrag_jax.model import token_layout
 from rankrag_jax.model.config import LlamaConfig
 
@@ -94,90 +93,56 @@ def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
   return out.astype(x.dtype)
 
 
-def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_offset: Array | int = 0) -> Array:
-  """Boolean [B, 1, T, S]: same non-zero segment, and key slot <= query slot (query i sits at q_offset + i)."""
-  t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
-  q_slot = q_offset + jnp.arange(t)[:, None]
-  causal = jnp.arange(s)[None, :] <= q_slot
-  same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (q_segment_ids[:, :, None] != 0)
-  return (same & causal[None])[:, None]
-
-
-def _dense_kwargs(cfg: LlamaConfig, panel_kernels: bool) -> dict:
+def _dense_kwargs(cfg: LlamaConfig) -> dict:
   kwargs = {"use_bias": False, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
-  if panel_kernels:  # the kernels are in `row_matmul.to_panels` order (CPU decode weights)
-    kwargs["dot_general"] = row_matmul.panel_dot_general
-  elif cfg.flatten_matmul_tokens:
+  if cfg.flatten_matmul_tokens:
     kwargs["dot_general"] = ops.token_flattened_dot_general
   return kwargs
 
 
+def write_kv_cache(kv_cache: dict, k: Array, v: Array, cache_index: Array | int) -> dict:
+  """The heads-major cache {"k", "v"} [B, Kh, S, D] with k, v [B, T, Kh, D] written at slots [index, index + T)."""
+  write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
+      cache, jnp.swapaxes(x, 1, 2).astype(cache.dtype), cache_index, 2)
+  return {"k": write(kv_cache["k"], k), "v": write(kv_cache["v"], v)}
+
+
 class Attention(nn.Module):
-  """With cpu_attention (f32, XLA:CPU, one device), attention runs on the thread pool: over the KV cache
-  `cpu_kernels.cached_attention`, without one (training) `cpu_kernels.training_attention`."""
+  """GQA self-attention; the attention itself is `attention.attend` with `config.attention_impl`."""
   config: LlamaConfig
-  panel_kernels: bool = False
-  cpu_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, sin, cos, mask, kv_cache=None, cache_index=None, layout=None, query_slots=None):
+  def __call__(self, x, sin, cos, vis, kv_cache=None, cache_index=None, layout=None, query_slots=None):
     """With `query_slots` [B, K] (needs a cache): keys and values of every token, queries (and the output
     [B, K, ...]) only at those row slots."""
     cfg = self.config
     if query_slots is not None and kv_cache is None:
       raise ValueError("Attention: query_slots needs a KV cache (the cache-free attention paths take every query)")
-    dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg, self.panel_kernels))
+    dense = functools.partial(nn.DenseGeneral, **_dense_kwargs(cfg))
     q_x, q_sin, q_cos = x, sin, cos
     if query_slots is not None:
       q_x, q_sin, q_cos = (token_layout.take_slots(a, query_slots, layout) for a in (x, sin, cos))
-      mask = jnp.take_along_axis(mask, query_slots[:, None, :, None], axis=2)
-    # q, k and v in one kernel (`decode_weights.fuse_panel_projections`): one row_matmul call, not three
-    if self.panel_kernels:
-      qkv = dense((cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim),
-                  kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)), name="qkv_proj")(x)
-      q, k, v = jnp.split(qkv, (cfg.num_heads, cfg.num_heads + cfg.num_kv_heads), axis=-2)
-      if query_slots is not None:
-        q = token_layout.take_slots(q, query_slots, layout)
-    else:
-      q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
-                name="q_proj")(q_x)
-      k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
-                name="k_proj")(x)
-      v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
-                name="v_proj")(x)
+      vis = vis.at_query_slots(query_slots)
+    q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
+              name="q_proj")(q_x)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
+              name="k_proj")(x)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_init((axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM)),
+              name="v_proj")(x)
     q = nn.with_logical_constraint(apply_rope(q, q_sin, q_cos), (axes.BATCH, axes.LENGTH, axes.ACT_HEADS,
                                                                    axes.ACT_HEAD_DIM))
     k = nn.with_logical_constraint(apply_rope(k, sin, cos), (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS,
                                                                axes.ACT_HEAD_DIM))
-    new_cache = None
-    # The CPU kernels read the queries and write the output as compact tokens through an index map (no gathers).
-    q_index = None
-    if layout is not None and query_slots is None and self.cpu_attention:
-      q_index = token_layout.flat_compact_index(layout)
-    if layout is not None:  # the projections ran on the compact real tokens; attention runs on the rows.
+    if layout is not None:  # the projections ran on the compact real tokens; keys and values go to the rows.
       k, v = token_layout.to_padded(k, layout), token_layout.to_padded(v, layout)
-      q = q if query_slots is not None or q_index is not None else token_layout.to_padded(q, layout)
-    if kv_cache is not None:
-      # Write this call's keys/values at slots [index, index + T) of the heads-major cache, attend over all of it.
-      write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
-          cache, jnp.swapaxes(x, 1, 2).astype(cache.dtype), cache_index, 2)
-      k_all, v_all = write(kv_cache["k"], k), write(kv_cache["v"], v)
-      new_cache = {"k": k_all, "v": v_all}
-      k_all, v_all = k_all.astype(cfg.dtype), v_all.astype(cfg.dtype)
-      if self.cpu_attention:
-        out = cpu_kernels.cached_attention(q, k_all, v_all, mask, q_index)
-      elif isinstance(cache_index, int) and q.shape[1] > ops.PREFILL_QUERY_BLOCK and query_slots is None:
-        out = ops.prefill_blockwise_attention(q, k_all, v_all, mask, cache_index, ops.PREFILL_QUERY_BLOCK)
-      else:
-        out = ops.cached_attention(q, k_all, v_all, mask)
-    elif self.cpu_attention:
-      out = cpu_kernels.training_attention(q, k, v, mask, q_index)
-    elif 0 < cfg.attention_query_block < q.shape[1]:
-      out = ops.causal_blockwise_attention(q, k, v, mask, cfg.attention_query_block)
-    else:  # GQA: jax.nn.dot_product_attention groups the query heads over the kv_heads.
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    if layout is not None and query_slots is None and q_index is None:
-      out = token_layout.to_compact(out, layout)
+    # Queries at slots are rows already; otherwise attend takes them (and gives the output) in the layout's form.
+    q_layout = layout if query_slots is None else None
+    new_cache = None
+    if kv_cache is not None:  # attend over the whole cache, this call's keys and values written in it
+      new_cache = write_kv_cache(kv_cache, k, v, cache_index)
+      k, v = new_cache["k"].astype(cfg.dtype), new_cache["v"].astype(cfg.dtype)
+    out = attention.attend(q, k, v, vis, impl=cfg.attention_impl, query_block=cfg.attention_query_block,
+                           cache_index=cache_index if kv_cache is not None else None, layout=q_layout)
     out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_HEAD_DIM))
     out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_init((axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
                 name="o_proj")(out)
@@ -186,18 +151,13 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   config: LlamaConfig
-  panel_kernels: bool = False
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dense = functools.partial(nn.Dense, **_dense_kwargs(cfg, self.panel_kernels))
-    if self.panel_kernels:  # gate and up in one kernel (`decode_weights.fuse_panel_projections`)
-      gate, up = jnp.split(dense(2 * cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)),
-                                 name="gate_up_proj")(x), 2, axis=-1)
-    else:
-      gate = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="gate_proj")(x)
-      up = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="up_proj")(x)
+    dense = functools.partial(nn.Dense, **_dense_kwargs(cfg))
+    gate = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="gate_proj")(x)
+    up = dense(cfg.intermediate_size, kernel_init=_init((axes.EMBED, axes.MLP)), name="up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
     return dense(cfg.hidden_size, kernel_init=_init((axes.MLP, axes.EMBED)), name="down_proj")(h)
 
@@ -206,24 +166,20 @@ class DecoderLayer(nn.Module):
   """One pre-norm block; the scan body. Returns (x, per-layer cache) as nn.scan expects (carry, ys).
 
   With `query_slots` [B, K] (the last layer, when only some positions' outputs are needed; with a cache): the
-  output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended).
-  With panel_kernels, the projection kernels are fused (`decode_weights.fuse_panel_projections`) and in
-  `row_matmul.to_panels` order (`generate`'s CPU decode steps); with cpu_attention, the cache attention is
-  `cpu_kernels.cached_attention`."""
+  output is x at those row slots only [B, K, D]; every token still gets its keys and values (cached, attended)."""
   config: LlamaConfig
-  panel_kernels: bool = False
-  cpu_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, sin, cos, mask, layout, cache_index, kv_cache, query_slots=None):
+  def __call__(self, x, sin, cos, vis, layout, cache_index, kv_cache, query_slots=None):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-    attention = Attention(cfg, self.panel_kernels, self.cpu_attention, name="attn")
-    h, new_cache = attention(norm(name="attn_norm")(x), sin, cos, mask, kv_cache, cache_index, layout, query_slots)
+    attention_layer = Attention(cfg, name="attn")
+    h, new_cache = attention_layer(norm(name="attn_norm")(x), sin, cos, vis, kv_cache, cache_index, layout,
+                                   query_slots)
     if query_slots is not None:
       x = token_layout.take_slots(x, query_slots, layout)
     x = x + h
-    x = x + MLP(cfg, self.panel_kernels, name="mlp")(norm(name="mlp_norm")(x))
+    x = x + MLP(cfg, name="mlp")(norm(name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     return x, new_cache
 
@@ -241,8 +197,8 @@ class LMHeadKernel(nn.Module):
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # The projections' outputs, and the blockwise attention's output and softmax statistics (CPU training form,
-    # `ops.block_attention`) so that its backward pass needs no forward recomputation.
+    # The projections' outputs, and the training attention's output and softmax statistics (`ops.block_attention`,
+    # the cpu_ffi kernel) so that its backward pass needs no forward recomputation.
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
         jax.checkpoint_policies.save_only_these_names(*ops.ATTENTION_RESIDUALS)),
@@ -251,10 +207,9 @@ _REMAT_POLICIES = {
 
 class Llama(nn.Module):
   """Llama decoder. `__call__` gives full logits; `hidden_states` + `logits_from_hidden` let callers project
-  only the positions and vocabulary rows they need (training loss, P("True") scoring). With cpu_attention, the
-  layers' attention runs on XLA:CPU's thread pool (`Attention`; `cpu_kernels.attention_usable`)."""
+  only the positions and vocabulary rows they need (training loss, P("True") scoring). Attention runs as
+  `config.attention_impl` says (`model/attention.py`; callers that know their mesh resolve it: `for_target`)."""
   config: LlamaConfig
-  cpu_attention: bool = False
 
   def setup(self):
     cfg = self.config
@@ -267,7 +222,7 @@ class Llama(nn.Module):
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers,
         unroll=1 if cfg.scan_layers else cfg.num_layers,
-        metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, cpu_attention=self.cpu_attention)
+        metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = LMHeadKernel(cfg)
@@ -285,8 +240,8 @@ class Llama(nn.Module):
     """Final-norm hidden states [B, T, D] and the updated cache (None without one).
 
     With `output_slots` int32 [B, K], only those row slots' hidden states [B, K, D] (gathered after the last layer:
-    `unstacked_hidden_states` runs its last layer at those slots only, but here that would need the stacked
-    weights and cache split into L-1 and 1 layers, and on XLA:CPU those copies cost what the pruning saves).
+    `backends.cpu.decode.unstacked_hidden_states` runs its last layer at those slots only, but here that would need
+    the stacked weights and cache split into L-1 and 1 layers, and on XLA:CPU those copies cost what it saves).
 
     tokens/positions/segment_ids: int [B, T]. Defaults: positions 0..T-1, one segment (no padding).
     With a cache, tokens are written at slots [cache["index"], cache["index"] + T). A Python-int index (static: a
@@ -311,11 +266,10 @@ class Llama(nn.Module):
       return self.normalize(x) if layout is None else token_layout.to_padded(self.normalize(x), layout)
 
     if cache is None:
-      mask = attention_mask(segment_ids, segment_ids)
-      x, _ = self.layers(x, sin, cos, mask, layout, None, None)
+      x, _ = self.layers(x, sin, cos, attention.visibility(segment_ids), layout, None, None)
       return output(x), None
-    kv_segments, mask = _cached_attention_mask(cache, segment_ids)
-    x, kv = self.layers(x, sin, cos, mask, layout, cache["index"], {"k": cache["k"], "v": cache["v"]})
+    kv_segments, vis = cached_visibility(cache, segment_ids)
+    x, kv = self.layers(x, sin, cos, vis, layout, cache["index"], {"k": cache["k"], "v": cache["v"]})
     new_cache = {"k": kv["k"], "v": kv["v"], "segment_ids": kv_segments, "index": cache["index"] + t}
     return output(x), new_cache
 
@@ -341,7 +295,7 @@ class Llama(nn.Module):
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None, per_layer: bool = False) -> dict:
   """An empty KV cache (all slots padding) for `max_length` tokens; with per_layer, "k" and "v" are lists of
-  L arrays [B, Kh, S, D] (for `unstacked_hidden_states`)."""
+  L arrays [B, Kh, S, D] (for `backends.cpu.decode.unstacked_hidden_states`)."""
   shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
   dtype = dtype or config.dtype
   if per_layer:
@@ -352,41 +306,11 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype=None
           "index": jnp.zeros((), jnp.int32)}
 
 
-def _cached_attention_mask(cache: dict, segment_ids: Array) -> tuple[Array, Array]:
-  """The cache's segment ids with this call's written at `index`, and the queries' mask over all its slots."""
+def cached_visibility(cache: dict, segment_ids: Array) -> tuple[Array, attention.Visibility]:
+  """The cache's segment ids with this call's written at `index`, and the queries' visibility over all its slots."""
   index = cache["index"]
   kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids.astype(jnp.int32), index, 1)
-  return kv_segments, attention_mask(segment_ids, kv_segments, q_offset=index)
-
-
-def unstacked_hidden_states(config: LlamaConfig, params: dict, layers: list[dict], tokens: Array, positions: Array,
-                            segment_ids: Array, cache: dict, layout: token_layout.TokenLayout | None = None,
-                            output_slots: Array | None = None, panel_kernels: bool = False,
-                            cpu_attention: bool = False) -> tuple[Array, dict]:
-  """`Llama.hidden_states` with a per-layer cache (`init_cache(per_layer=True)`) over
-  `decode_weights.unstack_layers(params)` (with panel_kernels: their kernels in `row_matmul.to_panels` order; with
-  cpu_attention, attention through `cpu_kernels.cached_attention`).
-
-  For decode loops: with the layers unstacked before the loop, a step neither slices each layer's weights out of
-  the stack (XLA:CPU copies them, ~40% of a batch-8 SmolLM2 step) nor its cache out of the stacked cache.
-  """
-  model = Llama(config)
-  kv_segments, mask = _cached_attention_mask(cache, segment_ids)
-  new_index = cache["index"] + tokens.shape[1]
-  if layout is not None:
-    tokens, positions = token_layout.to_compact(tokens, layout), token_layout.to_compact(positions, layout)
-  x = model.apply({"params": params}, tokens, method=Llama.embed)
-  sin, cos = rope_sin_cos(positions, config)
-  layer, ks, vs = DecoderLayer(config, panel_kernels, cpu_attention), [], []
-  for i, (layer_params, k, v) in enumerate(zip(layers, cache["k"], cache["v"])):
-    query_slots = output_slots if i == len(layers) - 1 else None
-    x, kv = layer.apply({"params": layer_params}, x, sin, cos, mask, layout, cache["index"], {"k": k, "v": v},
-                        query_slots)
-    ks.append(kv["k"])
-    vs.append(kv["v"])
-  new_cache = {"k": ks, "v": vs, "segment_ids": kv_segments, "index": new_index}
-  x = model.apply({"params": params}, x, method=Llama.normalize)
-  return (x if layout is None or output_slots is not None else token_layout.to_padded(x, layout)), new_cache
+  return kv_segments, attention.visibility(segment_ids, kv_segments, q_offset=index)
 
 
 def cache_logical_axes() -> dict:

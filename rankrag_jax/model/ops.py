@@ -1,7 +1,7 @@
-"""Exact reformulations of the decoder's compute, and a compiler option, that XLA:CPU runs much faster
-(measured in bench/README.md). `cached_attention` (the heads-major KV cache) is used on every backend; the
-training forms are off by default and switched on per config (`gin_configs/cpu.gin`): TPU/GPU compile the plain
-forms well.
+"""XLA forms of attention that `model/attention.py` dispatches to, and exact reformulations of the decoder's
+compute that XLA:CPU runs much faster (measured in bench/README.md). `cached_attention` (the heads-major KV cache)
+serves every platform; the blockwise forms (attention_impl="blockwise") and `token_flattened_dot_general`
+(`flatten_matmul_tokens`) are switched on per config (`gin_configs/cpu.gin`): TPU/GPU compile the plain forms well.
 """
 
 import functools
@@ -15,8 +15,8 @@ Array = jax.Array
 
 _LOWEST = jnp.finfo(jnp.float32).min
 # Names of the training attention's saved output and softmax statistics (`block_attention`'s output, row max and
-# row sum; `cpu_kernels.training_attention`'s output and log-normaliser); remat policies that keep them spare the
-# backward pass a forward recomputation (llama._REMAT_POLICIES).
+# row sum; `backends.cpu.attention.training_attention`'s output and log-normaliser); remat policies that keep them
+# spare the backward pass a forward recomputation (llama._REMAT_POLICIES).
 ATTENTION_RESIDUALS = ("attention_out", "attention_row_max", "attention_row_sum", "attention_lse")
 
 
@@ -45,15 +45,8 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   Why heads-major: each (row, kv head) then multiplies one contiguous [S, D] key matrix; a kv head's G query heads
   x T queries form one [G * T, D] matrix. On XLA:CPU, the usual [B, S, Kh, D] cache made these batched products
   strided (decode step ~73 -> ~64 ms, prefill ~3.05 -> ~2.82 s for SmolLM2 at batch 8; bench/README.md).
-  A decode step on the CPU backend runs per query head instead (`_decode_step_attention`).
+  attention_impl="blockwise" runs a decode step per query head instead (`decode_step_attention`).
   """
-  if q.shape[1] == 1 and jax.default_backend() == "cpu":
-    return _decode_step_attention(q, k, v, mask)
-  return _grouped_attention(q, k, v, mask)
-
-
-def _grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """`cached_attention` with each kv head's G query heads x T queries as one [G * T, D] matrix."""
   t, d = q.shape[1], q.shape[3]
   kv_heads = k.shape[1]
   scale = 1 / jnp.sqrt(jnp.float32(d))
@@ -66,7 +59,7 @@ def _grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   return _ungrouped(out, t)
 
 
-def _decode_step_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def decode_step_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """`cached_attention` of one query per row (q [B, 1, H, D]) on XLA:CPU: one matrix-vector product per query
   head of a kv head's group.
 
@@ -207,15 +200,3 @@ def token_flattened_dot_general(lhs: Array, rhs: Array, dimension_numbers, preci
                             rhs.reshape(math.prod(rhs.shape[:kernel_in]), -1), (((1,), (0,)), ((), ())),
                             precision=precision, preferred_element_type=preferred_element_type)
   return out.reshape(lhs.shape[:lead] + rhs.shape[kernel_in:])
-
-
-def compiler_options(backend: str) -> dict | None:
-  """XLA options for the jitted programs (training steps, scoring, generation) on `backend`.
-
-  On CPU: XLA's own (Eigen) dots instead of the YNNPACK library fusion XLA:CPU picks by default. Decode's
-  [batch, d] x [d, f] products run ~1.7x faster, prefills ~5%, and training steps with `block_attention` ~4%
-  (its batched products run at ~half speed in YNNPACK; A/B in bench/README.md, session 10).
-  """
-  if backend != "cpu":
-    return None
-  return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}

@@ -26,7 +26,7 @@ from rankrag_jax.training import checkpointing
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "tie_word_embeddings")
-NUMERICS_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_query_block",
+NUMERICS_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "attention_query_block",
                    "flatten_matmul_tokens")
 TOKENIZER_SUBDIR = "tokenizer"
 

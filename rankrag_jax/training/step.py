@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax
 
+from rankrag_jax import backends
 from rankrag_jax import sharding as sharding_lib
+from rankrag_jax.model import attention
 from rankrag_jax.model import axes
-from rankrag_jax.model import cpu_kernels
-from rankrag_jax.model import ops
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama
 from rankrag_jax.training import loss as loss_lib
@@ -140,13 +140,9 @@ def eval_step(params: dict, batch: dict, *, model: Llama, max_loss_positions: in
 
 
 def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                   mesh: Mesh, rules, *, max_loss_positions: int | None = None, num_micro_batches: int = 1,
-                   use_cpu_kernels: bool = True):
-  """train_step jitted with explicit in/out shardings and the state donated (updated in place).
-
-  use_cpu_kernels: on XLA:CPU (f32, one device), attention forward and backward run on the thread pool
-  (`cpu_kernels.training_attention`; bench/README.md, session 18) instead of `config.attention_query_block`'s
-  blockwise XLA form.
+                   mesh: Mesh, rules, *, max_loss_positions: int | None = None, num_micro_batches: int = 1):
+  """train_step jitted with explicit in/out shardings and the state donated (updated in place); attention as
+  `config.attention_impl` resolves for the mesh's platform (`model/attention.py`).
 
   Returns (step_fn, state_shardings, batch_shardings, abstract_state). Call step_fn(state, batch) under
   `sharding_context(mesh, rules)` (the model's activation constraints read the rules at trace time), or
@@ -155,7 +151,7 @@ def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
   """
   abstract, state_shardings = train_state_shardings(config, optimizer, mesh, rules)
   data_shardings = batch_shardings(mesh, rules)
-  step = functools.partial(train_step, model=_model(config, mesh, use_cpu_kernels), optimizer=optimizer, schedule=schedule,
+  step = functools.partial(train_step, model=_model(config, mesh), optimizer=optimizer, schedule=schedule,
                            num_micro_batches=num_micro_batches, num_shards=num_data_shards(mesh, rules))
 
   def fn(state, batch, num_tokens=None, loss_positions=None):  # positional: jit with in_shardings takes no kwargs
@@ -169,19 +165,19 @@ def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
 
 
 def jit_eval_step(config: LlamaConfig, mesh: Mesh, rules, param_shardings, *,
-                  max_loss_positions: int | None = None, use_cpu_kernels: bool = True):
-  fn = functools.partial(eval_step, model=_model(config, mesh, use_cpu_kernels),
+                  max_loss_positions: int | None = None):
+  fn = functools.partial(eval_step, model=_model(config, mesh),
                          max_loss_positions=max_loss_positions)
   return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, rules)),
                  out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=_compiler_options(mesh))
 
 
-def _model(config: LlamaConfig, mesh: Mesh, use_cpu_kernels: bool) -> Llama:
-  return Llama(config, cpu_attention=use_cpu_kernels and cpu_kernels.attention_usable(config, mesh))
+def _model(config: LlamaConfig, mesh: Mesh) -> Llama:
+  return Llama(attention.for_target(config, mesh))
 
 
 def _compiler_options(mesh: Mesh) -> dict | None:
-  return ops.compiler_options(mesh.devices.flat[0].platform)
+  return backends.compiler_options(attention.target_platform(mesh))
 
 
 @contextlib.contextmanager

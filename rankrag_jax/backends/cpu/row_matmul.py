@@ -5,8 +5,8 @@ Why: XLA:CPU computes a decode step's [rows, d] x [d, f] products on one thread,
 half of what the machine reads; they are most of a step (bench/README.md, session 15). `row_matmul.cc` splits
 each product's columns over the intra-op thread pool and reads each thread's weights as one contiguous stream.
 
-The kernel is C++ registered through `jax.ffi` (built by `cpu_kernels`); without it (`cpu_kernels.available()`
-False: no compiler, another backend), `panel_dot_general` runs XLA's dot on the restored kernel.
+The kernel is C++ registered through `jax.ffi` (built by `build.py`); without it (`build.available()`
+False: no compiler), `panel_dot_general` runs XLA's dot on the restored kernel.
 """
 
 import math
@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rankrag_jax.model import cpu_kernels
+from rankrag_jax.backends.cpu import build
 
 Array = jax.Array
 
@@ -69,8 +69,8 @@ def panel_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
   lead, features = lhs.shape[:lhs.ndim - n_in], rhs.shape[n_in:]
   rows = math.prod(lead)
   x = lhs.reshape(rows, k)
-  if rows <= MAX_ROWS and lhs.dtype == rhs.dtype == jnp.float32 and cpu_kernels.available():
-    out = jax.ffi.ffi_call(cpu_kernels.ROW_MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
+  if rows <= MAX_ROWS and lhs.dtype == rhs.dtype == jnp.float32 and build.available():
+    out = jax.ffi.ffi_call(build.ROW_MATMUL, jax.ShapeDtypeStruct((rows, n), jnp.float32))(
         x, rhs.reshape(n // PANEL, k, PANEL))
   else:
     out = jnp.matmul(x, from_panels(rhs, n_in).reshape(k, n), precision=precision,
