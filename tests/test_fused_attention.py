@@ -2,10 +2,12 @@
 forward and gradient; broken variants shown failing the same check; the kernels under a 4-device CPU mesh.
 
 IMPLEMENTATIONS maps a name to `f(q, k, v, segment_ids) -> out` (the model's cache-free self-attention
-contract); the dispatcher's implementations join the parity test by adding an entry. The Pallas kernels run in
-interpret mode here (the same kernel code, executed by XLA:CPU), so shapes are small.
+contract): the kernels called directly, and every implementation of the dispatcher (`model/attention.attend`,
+"attend:<impl>"), so 'splash' and 'gpu_flash' are checked where the model reaches them too. The Pallas kernels run
+in interpret mode here (the same kernel code, executed by XLA:CPU), so shapes are small.
 """
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -18,8 +20,11 @@ import numpy as np
 import pytest
 
 from rankrag_jax.backends import kernel_sharding
+from rankrag_jax.backends.cpu import build as cpu_build
 from rankrag_jax.backends.gpu import flash
 from rankrag_jax.backends.tpu import splash
+from rankrag_jax.model import attention
+from rankrag_jax.model import config as config_lib
 from rankrag_jax.model import llama
 
 # Two packed rows of 144 slots: row 0 holds segments of 50, 60, 1 and 19 tokens then 14 padding slots (a segment
@@ -65,18 +70,25 @@ def reference_attention(q, k, v, segment_ids, allowed_fn=None):
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision="highest").astype(q.dtype)
 
 
-def xla_attention(q, k, v, segment_ids):
-  """The model's XLA path today: jax.nn.dot_product_attention under llama.attention_mask."""
-  return jax.nn.dot_product_attention(q, k, v, mask=llama.attention_mask(segment_ids, segment_ids))
+def dispatched(impl: str):
+  """The dispatcher's `impl` on the cache-free self-attention of packed rows."""
+  def attend(q, k, v, segment_ids):
+    return attention.attend(q, k, v, attention.visibility(segment_ids), impl=impl, query_block=32)
+  return attend
 
 
 IMPLEMENTATIONS = {
-    "xla": xla_attention,
     "splash": functools.partial(splash.splash_attention, interpret=True),
     "gpu_flash": functools.partial(flash.gpu_flash_attention, interpret=True),
+    **{f"attend:{impl}": dispatched(impl) for impl in config_lib.ATTENTION_IMPLS if impl != "auto"},
 }
-# Kernels that promise zero (not merely finite) padding rows.
-ZERO_PADDING_ROWS = ("splash", "gpu_flash")
+# Implementations that promise zero (not merely finite) padding rows.
+ZERO_PADDING_ROWS = ("splash", "gpu_flash", "attend:splash", "attend:gpu_flash")
+
+
+def _skip_unusable(name):
+  if name == "attend:cpu_ffi" and not cpu_build.attention_usable_for(jnp.float32, HEAD_DIM):
+    pytest.skip("the C++ CPU kernels are not built here")
 
 
 def _off_by_one_excluding_diagonal(segment_ids):
@@ -143,6 +155,7 @@ def parity_holds(diffs: dict[str, float]) -> bool:
 
 @pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
 def test_attention_matches_independent_masked_reference(name):
+  _skip_unusable(name)
   diffs = parity_differences(IMPLEMENTATIONS[name])
   print(name, diffs)
   assert parity_holds(diffs), (name, diffs)
@@ -158,6 +171,7 @@ def test_parity_check_catches_broken_mask(name):
 
 @pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
 def test_padding_rows_finite_and_kernels_zero_them(name):
+  _skip_unusable(name)
   q, k, v, segment_ids, _ = make_inputs()
   out = np.asarray(jax.jit(IMPLEMENTATIONS[name])(q, k, v, segment_ids))
   padding = np.asarray(segment_ids == 0)
@@ -174,6 +188,32 @@ def test_kernels_keep_bfloat16(name):
   assert out.dtype == jnp.bfloat16
   real = np.asarray(segment_ids != 0)
   assert np.abs(np.asarray(out, np.float32) - np.asarray(want))[real].max() < 0.05
+
+
+def test_model_with_each_kernel_matches_xla():
+  """The tiny Llama on packed rows with attention_impl splash / gpu_flash (the dispatcher's route into the
+  kernels): hidden states and parameter gradients against attention_impl xla."""
+  config = config_lib.tiny(head_dim=16, dtype="float32")
+  params = llama.init_params(config, jax.random.key(0))
+  segment_ids = jnp.asarray(packed_segment_ids(((40, 30, 20), (96,)), length=96))
+  positions = jnp.asarray(np.concatenate([np.arange(n) for n in (40, 30, 20, 6)] + [np.arange(96)]).reshape(2, 96))
+  tokens = jax.random.randint(jax.random.key(1), (2, 96), 0, config.vocab_size)
+  real = np.asarray(segment_ids != 0)
+
+  def run(impl):
+    model = llama.Llama(dataclasses.replace(config, attention_impl=impl))
+    def loss(params):
+      hidden, _ = model.apply({"params": params}, tokens, positions, segment_ids, method=model.hidden_states)
+      return jnp.sum(jnp.where(real[..., None], hidden, 0) ** 2), hidden
+    (_, hidden), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return np.asarray(hidden)[real], grads
+
+  want_hidden, want_grads = run("xla")
+  for impl in ("splash", "gpu_flash"):
+    hidden, grads = run(impl)
+    assert np.abs(hidden - want_hidden).max() < 1e-4, impl
+    grad_diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads, want_grads)))
+    assert grad_diff < 1e-3, (impl, grad_diff)
 
 
 def test_shape_errors_name_the_argument():
