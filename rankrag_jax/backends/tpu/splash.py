@@ -17,6 +17,7 @@ With `interpret=True` the Pallas kernels run on any backend (the CPU tests' pari
 
 import dataclasses
 import functools
+import math
 
 import gin
 import jax
@@ -110,7 +111,7 @@ splash_attention_kernel.pl = _PallasWithSplashCosts()
 def padded_length(length: int, blocks: SplashBlocks) -> int:
   """The row length the kernel runs at: a multiple of every (clamped) block."""
   lanes = -(-length // _LANES) * _LANES
-  step = max(min(b, lanes) for b in (blocks.block_q, blocks.block_kv, blocks.block_backward))
+  step = math.lcm(*(min(b, lanes) for b in (blocks.block_q, blocks.block_kv, blocks.block_backward)))
   return -(-length // step) * step
 
 
