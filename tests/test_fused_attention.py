@@ -195,29 +195,24 @@ def test_kernels_keep_bfloat16(name):
 
 
 def test_model_with_each_kernel_matches_xla():
-  """The tiny Llama on packed rows with attention_impl splash / gpu_flash (the dispatcher's route into the
-  kernels): hidden states and parameter gradients against attention_impl xla."""
-  config = config_lib.tiny(head_dim=16, dtype="float32")
+  """The tiny Llama (one layer) on packed rows with attention_impl splash / gpu_flash (the dispatcher's route
+  into the kernels) against attention_impl xla, at the real tokens. Forward only: the kernels' gradients are
+  checked above, and interpret mode makes a model's backward pass slow here."""
+  config = config_lib.tiny(num_layers=1, head_dim=16, dtype="float32")
   params = llama.init_params(config, jax.random.key(0))
   segment_ids = jnp.asarray(packed_segment_ids(((40, 30, 20), (96,)), length=96))
   positions = jnp.asarray(np.concatenate([np.arange(n) for n in (40, 30, 20, 6)] + [np.arange(96)]).reshape(2, 96))
   tokens = jax.random.randint(jax.random.key(1), (2, 96), 0, config.vocab_size)
   real = np.asarray(segment_ids != 0)
 
-  def run(impl):
+  def hidden(impl):
     model = llama.Llama(dataclasses.replace(config, attention_impl=impl))
-    def loss(params):
-      hidden, _ = model.apply({"params": params}, tokens, positions, segment_ids, method=model.hidden_states)
-      return jnp.sum(jnp.where(real[..., None], hidden, 0) ** 2), hidden
-    (_, hidden), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return np.asarray(hidden)[real], grads
+    out, _ = model.apply({"params": params}, tokens, positions, segment_ids, method=model.hidden_states)
+    return np.asarray(out)[real]
 
-  want_hidden, want_grads = run("xla")
+  want = hidden("xla")
   for impl in ("splash", "gpu_flash"):
-    hidden, grads = run(impl)
-    assert np.abs(hidden - want_hidden).max() < 1e-4, impl
-    grad_diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads, want_grads)))
-    assert grad_diff < 1e-3, (impl, grad_diff)
+    assert np.abs(hidden(impl) - want).max() < 1e-4, impl
 
 
 def test_shape_errors_name_the_argument():
