@@ -14,13 +14,12 @@ heads here (query head h reads key/value head h // (H / Kh), jax.nn.dot_product_
 repeat's gradient sums each group back.
 
 The kernel also lets padding slots (segment 0) attend each other; their rows are zeroed here. Rows are padded
-with segment-0 slots to a multiple of the block.
+with segment-0 slots to a multiple of the block. Not Gin-configurable, as backends/tpu/splash.py says why.
 """
 
 import dataclasses
 import functools
 
-import gin
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
@@ -30,7 +29,6 @@ from rankrag_jax.backends import kernel_sharding
 Array = jax.Array
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class FlashBlocks:
   """Tile sizes (powers of two, clamped to the row). 128 x 128 forward / 64 backward: the Pallas GPU kernel's
@@ -72,7 +70,6 @@ def _flash_one_device(q: Array, k: Array, v: Array, segment_ids: Array, *, block
   return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-@gin.configurable(denylist=["interpret"])
 def gpu_flash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, interpret: bool = False,
                         blocks: FlashBlocks | None = None) -> Array:
   """Causal self-attention within packed segments on GPU. q [B, T, H, D]; k, v [B, T, Kh, D]; segment_ids

@@ -13,13 +13,15 @@ each other like any segment: their rows are finite, and are zeroed here. Rows wh
 the block are padded with segment-0 slots (a padded query attends at least itself, so no row is empty).
 
 With `interpret=True` the Pallas kernels run on any backend (the CPU tests' parity check against XLA).
+
+Nothing here is Gin-configurable: the dispatcher imports a kernel module at its first use, inside a trace, after
+Gin's config is locked, and registering a configurable then is an error. Tile sizes are `SplashBlocks`' defaults.
 """
 
 import dataclasses
 import functools
 import math
 
-import gin
 import jax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
@@ -35,7 +37,6 @@ Array = jax.Array
 _LANES = 128
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class SplashBlocks:
   """Splash's tile sizes (clamped to the padded row length). 512 everywhere is MaxText's default for v5p;
@@ -150,7 +151,6 @@ def _splash_one_device(q: Array, k: Array, v: Array, segment_ids: Array, *, bloc
   return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
-@gin.configurable(denylist=["interpret"])
 def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, interpret: bool = False,
                      blocks: SplashBlocks | None = None) -> Array:
   """Causal self-attention within packed segments on TPU. q [B, T, H, D]; k, v [B, T, Kh, D]; segment_ids
