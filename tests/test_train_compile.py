@@ -115,7 +115,10 @@ def matmul_bound_model(**overrides):
 
 
 def test_xla_flops_per_step_match_6n_tokens_plus_attention(bind):
-  bind("MODEL_CONFIG = @matmul_bound_model()", "MAX_LOSS_POSITIONS = None")
+  # XLA's own attention: this checks XLA's FLOP count. ('auto' picks splash on TPU, whose FLOPs are our cost
+  # estimate, over rows padded to 128 slots: 4x the 64-slot square here; tests/test_fused_attention.py checks it.)
+  bind("MODEL_CONFIG = @matmul_bound_model()", "MAX_LOSS_POSITIONS = None",
+       "matmul_bound_model.attention_impl = 'xla'")
   mesh, rules = _mesh_and_rules()
   workload = compile_programs.stage2_train_workload(mesh, rules)
   flops_per_chip, seconds = train_compile.layer_extrapolated_cost(workload, mesh, rules)

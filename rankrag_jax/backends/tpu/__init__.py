@@ -1,0 +1,1 @@
+"""TPU kernels: Pallas splash attention (`splash.splash_attention`)."""
