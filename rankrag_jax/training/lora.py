@@ -70,10 +70,11 @@ class LoraConfig:
   targets: tuple[str, ...] = ALL_TARGETS
 
   def __post_init__(self):
-    object.__setattr__(self, "targets", tuple(self.targets))
     unknown = [t for t in self.targets if t not in TARGETS]
     if unknown or not self.targets:
       raise ValueError(f"LoraConfig.targets: {unknown or 'empty'}; choose from {list(ALL_TARGETS)}")
+    # One canonical order, so configs read back from lora.json / adapter_config.json compare equal.
+    object.__setattr__(self, "targets", tuple(t for t in ALL_TARGETS if t in self.targets))
     if self.rank < 1:
       raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
     if not 0.0 <= self.dropout < 1.0:

@@ -163,3 +163,31 @@ def start_or_resume(checkpointer, model_dir, model_config, init_checkpoint: str 
   return {"config": config, "tokenizer": tokenizer, "state": state, "data_position": data_position,
           "step_fn": step_fn, "eval_fn": eval_fn, "data_shardings": data_shardings,
           "resumed": resume_step is not None}
+
+
+def load_merged_params(run_dir, reference: dict, load_base) -> tuple:
+  """(config, params with the adapters of the run's newest step merged) for serving a LoRA run directly.
+
+  load_base(name) -> (config, params): the base that lora.json names (None: rebuilt from its random seed)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from rankrag_jax.model import llama  # pylint: disable=g-import-not-at-top
+  from rankrag_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  directory = checkpointing.find_checkpoint_directory(run_dir)
+  lora = reference["lora"]
+  if reference["base_checkpoint"] is None:
+    config = checkpointing.read_checkpoint_config(run_dir)
+    base = llama.init_params(config, jax.random.key(reference["seed"]))
+  else:
+    config, base = load_base(reference["base_checkpoint"])
+  check_same_base(reference, base_fingerprint(base), directory)
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        lora_lib.split_adapters(nn.unbox(lora_lib.boxed_abstract_params(config, lora)))[1])
+  manager = ocp.CheckpointManager(directory, item_names=(checkpointing.STATE, checkpointing.DATA),
+                                  options=ocp.CheckpointManagerOptions(create=False))
+  target = {"adapters": shapes}
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**{checkpointing.STATE: ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))
+  manager.close()
+  adapters = jax.device_get(restored[checkpointing.STATE]["adapters"])
+  return config, lora_lib.merge_adapters(jax.device_get(base), adapters, lora)
