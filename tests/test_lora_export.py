@@ -144,11 +144,11 @@ def test_peft_directory_reads_back_exactly_and_serves_with_its_base(exported):
   assert lora == LORA and base_model == str(root / "base")
   jax.tree.map(np.testing.assert_array_equal, read, jax.device_get(adapters))
   # load_model: the adapter directory alone (its base from adapter_config.json), merged for the reranker/generator
-  served_config, served, _ = load_model(root / "adapter")
-  assert served_config == config
-  logits = llama.Llama(config).apply({"params": served}, jnp.asarray(ids, jnp.int32),
-                                     jnp.asarray(positions, jnp.int32), jnp.asarray(mask, jnp.int32))
-  assert _max_diff(np.asarray(logits), ours, mask) < 1e-4
+  for served_config, served, _ in (load_model(root / "adapter"), load_model(root / "base", adapter=root / "adapter")):
+    assert served_config == config
+    logits = llama.Llama(config).apply({"params": served}, jnp.asarray(ids, jnp.int32),
+                                       jnp.asarray(positions, jnp.int32), jnp.asarray(mask, jnp.int32))
+    assert _max_diff(np.asarray(logits), ours, mask) < 1e-4
 
 
 def test_unsupported_adapter_settings_name_the_file_and_field(exported, tmp_path):
