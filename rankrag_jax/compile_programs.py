@@ -121,7 +121,7 @@ def stage2_train_workload(mesh, rules) -> Workload:
     model_flops += (6 * adapters - 2 * matmul_weights) * tokens
     executed += (6 * adapters - 2 * (matmul_weights - head)) * tokens - 2 * head * batch_size * loss_positions
     formula = "4·N·tokens (frozen base) + 6·N_adapters·tokens + causal attention"
-    trained = (f"LoRA r={lora.rank} on {'/'.join(lora.targets)} ({adapters / 1e6:.0f}M f32 adapter params, AdamW "
+    trained = (f"LoRA r={lora.rank} on {'/'.join(lora.targets)} ({adapters / 1e6:.1f}M f32 adapter params, AdamW "
                "moments for them only)")
   return Workload(
       name="train_step", kind="train", config=config, build=build, rows=batch_size, tokens_per_row=seq_len,

@@ -179,6 +179,11 @@ def test_lora_resume_is_exact_and_checkpoints_hold_adapters_and_a_base_reference
   expected = lora_lib.merge_adapters(llama.init_params(config, jax.random.key(0)), a["adapters"],
                                      lora_step.read_reference(straight / "checkpoints")["lora"])
   jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), merged, expected)
+  # ... and starts the next stage (Stage I LoRA -> Stage II) from those merged weights.
+  from rankrag_jax.training import initialization  # pylint: disable=g-import-not-at-top
+  _, place, _ = initialization.initial_params(str(straight), config_lib.tiny())
+  next_stage = place(jax.eval_shape(lambda: merged), 0)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), next_stage, expected)
 
 
 def test_resuming_on_another_base_or_lora_config_is_a_clear_error(tmp_path):

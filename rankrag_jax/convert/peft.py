@@ -3,8 +3,8 @@
 `peft.PeftModel.from_pretrained(transformers_base, directory)` loads what `save_peft_adapter` writes onto the HF
 export of the same base with equal logits (tests/test_lora_export.py). Names and layouts come from hf.py's table:
 for the HF module `model.layers.{i}.self_attn.q_proj` (weight [out, in]), PEFT keeps
-    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   [r, in]    = our lora_a[i] as [in, r], transposed
-    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   [out, r]   = our lora_b[i] as [r, out], transposed
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight  [r, in]   = our lora_a[i] as [in, r], transposed
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight  [out, r]  = our lora_b[i] as [r, out], transposed
 and ΔW = (lora_alpha / r)·lora_B·lora_A, which is our (alpha / r)·(A·B) transposed: the kernel's input axes
 (e.g. o_proj's heads, head_dim) flatten in the same order as hf.py flattens the kernel itself, so no permutation.
 Read with safetensors (numpy) and json only: never pickles.
@@ -27,11 +27,16 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-def _hf_module(target: str) -> str:
-  """The HF module name template of a target, e.g. "model.layers.{layer}.self_attn.q_proj"."""
+def _kernel_mapping(target: str) -> hf.ParamMapping:
+  """hf.py's table entry of the target's kernel (its HF name, our dims, how many of them are the input)."""
   path = lora_lib.TARGETS[target][0] + ("kernel",)
   (mapping,) = [m for m in hf.PARAM_MAPPINGS if m.path == path]
-  return mapping.hf_name.removesuffix(".weight")
+  return mapping
+
+
+def _hf_module(target: str) -> str:
+  """The HF module name template of a target, e.g. "model.layers.{layer}.self_attn.q_proj"."""
+  return _kernel_mapping(target).hf_name.removesuffix(".weight")
 
 
 def adapter_config(lora: lora_lib.LoraConfig, base_model: str | None) -> dict:
@@ -105,7 +110,8 @@ def read_adapter_config(directory: str | os.PathLike) -> tuple[lora_lib.LoraConf
   return lora, fields.get("base_model_name_or_path")
 
 
-def load_peft_adapter(directory: str | os.PathLike, config: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict, str | None]:
+def load_peft_adapter(directory: str | os.PathLike,
+                      config: LlamaConfig) -> tuple[lora_lib.LoraConfig, dict, str | None]:
   """(LoraConfig, adapters as stacked numpy f32 [L, ...], base model reference) from a PEFT directory."""
   directory = pathlib.Path(directory)
   lora, base_model = read_adapter_config(directory)
@@ -116,9 +122,8 @@ def load_peft_adapter(directory: str | os.PathLike, config: LlamaConfig) -> tupl
   adapters: dict = {}
   for target in lora.targets:
     module_path, _, _ = lora_lib.TARGETS[target]
-    kernel_shape = [m for m in hf.PARAM_MAPPINGS if m.path == module_path + ("kernel",)][0]
-    in_ndim = kernel_shape.in_ndim
-    dims = kernel_shape.shape(config)
+    mapping = _kernel_mapping(target)
+    in_ndim, dims = mapping.in_ndim, mapping.shape(config)
     a_layers, b_layers = [], []
     for layer in range(config.num_layers):
       name = _PREFIX + _hf_module(target).format(layer=layer)

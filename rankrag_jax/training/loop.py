@@ -260,7 +260,9 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
         writer.write(step, result)
         writer.message(f"step {step}: {ranking.describe(result)}")
       return loss
-    writer.message(f"Training {run.config.num_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
+    trained = "" if lora is None else (f" (frozen; LoRA r={lora.rank} adapters trained: "
+                                       f"{lora_lib.num_adapter_params(run.state['adapters']) / 1e6:.2f}M params)")
+    writer.message(f"Training {run.config.num_params / 1e6:.1f}M params{trained} on mesh {dict(mesh.shape)} "
                    f"({jax.device_count()} {jax.devices()[0].platform} devices, {hosts} host(s)): steps "
                    f"{first_step} -> {total_steps}, {batch_size} x {sequence_length} tokens/step. Run dir: "
                    f"{model_dir}")

@@ -15,6 +15,7 @@ would make the resumed run silently different); with the same base, resume is ex
 """
 
 import dataclasses
+import functools
 import json
 
 import flax.linen as nn
@@ -68,8 +69,13 @@ def eval_params(state: dict) -> dict:
 
 def merged_params(state: dict, lora: lora_lib.LoraConfig) -> dict:
   """Plain Llama params with the adapters merged (a full-size copy: ranking evaluation and HF export only)."""
-  return jax.jit(lambda base, adapters: lora_lib.merge_adapters(base, adapters, lora, xp=jnp))(
-      state[BASE_KEY], state["adapters"])
+  return _merge_fn(lora)(state[BASE_KEY], state["adapters"])
+
+
+@functools.cache
+def _merge_fn(lora: lora_lib.LoraConfig):
+  """One jitted merge per LoraConfig (compiled once per run, not at every evaluation)."""
+  return jax.jit(lambda base, adapters: lora_lib.merge_adapters(base, adapters, lora, xp=jnp))
 
 
 def base_fingerprint(base: dict) -> list[float]:
@@ -186,8 +192,9 @@ def load_merged_params(run_dir, reference: dict, load_base) -> tuple:
   manager = ocp.CheckpointManager(directory, item_names=(checkpointing.STATE, checkpointing.DATA),
                                   options=ocp.CheckpointManagerOptions(create=False))
   target = {"adapters": shapes}
-  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**{checkpointing.STATE: ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))
+  restore = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                   partial_restore=True)  # the adapters only: not the optimizer state
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**{checkpointing.STATE: restore}))
   manager.close()
   adapters = jax.device_get(restored[checkpointing.STATE]["adapters"])
   return config, lora_lib.merge_adapters(jax.device_get(base), adapters, lora)
