@@ -124,10 +124,6 @@ def intercept(lora: LoraConfig):
   return nn.intercept_methods(functools.partial(_add_adapter, lora))
 
 
-def _is_adapter_path(path) -> bool:
-  return getattr(path[-1], "key", None) in ADAPTER_LEAVES
-
-
 def _filter(tree: dict, keep) -> dict:
   """The nested dict restricted to leaves whose last key satisfies `keep`; empty dicts dropped."""
   out = {}
