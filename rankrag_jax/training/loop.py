@@ -50,6 +50,7 @@ class TrainSummary:
   final_eval_loss: float | None = None
   final_train_loss: float | None = None
   wall_seconds: float = 0.0
+  peft_export_dir: str | None = None  # LoRA runs: the adapters as a PEFT directory
 
 
 class HeldOut:
@@ -322,8 +323,9 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
         summary.hf_export_dir = str(export_hf_checkpoint(hf_export_dir, run.config, run.model_params(),
                                                          run.tokenizer))
         if lora is not None:
-          export_peft_adapter(hf_export_dir.with_name(hf_export_dir.name + "_peft"), run,
-                              lora_step.read_reference(checkpointer.directory)["base_checkpoint"])
+          summary.peft_export_dir = str(export_peft_adapter(
+              hf_export_dir.with_name(hf_export_dir.name + "_peft"), run,
+              lora_step.read_reference(checkpointer.directory)["base_checkpoint"]))
   finally:
     checkpointer.wait()
     checkpointer.close()

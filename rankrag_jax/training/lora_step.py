@@ -17,6 +17,7 @@ would make the resumed run silently different); with the same base, resume is ex
 import dataclasses
 import functools
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -109,6 +110,15 @@ def read_reference(checkpoint_dir) -> dict | None:
   return reference
 
 
+def base_reference(init_checkpoint) -> str | None:
+  """How lora.json (and the PEFT export) name the base: local paths made absolute, so the adapters find their base
+  from any working directory; asset names and remote paths as given."""
+  if init_checkpoint is None:
+    return None
+  name = str(init_checkpoint)
+  return os.path.abspath(name) if "://" not in name and os.path.exists(name) else name
+
+
 def check_same_base(reference: dict, fingerprint: list[float], path) -> None:
   expected = np.asarray(reference["base_fingerprint"])
   if expected.shape != np.shape(fingerprint) or not np.allclose(expected, fingerprint, rtol=1e-5, atol=1e-3):
@@ -134,12 +144,12 @@ def start_or_resume(checkpointer, model_dir, model_config, init_checkpoint: str 
     if reference["lora"] != lora:
       raise ValueError(f"{checkpointer.directory / LORA_FILE}: the run was started with {reference['lora']}, the Gin "
                        f"config asks for {lora}; resume with the same LoraConfig or use a new MODEL_DIR")
-    if init_checkpoint is not None and str(init_checkpoint) != reference["base_checkpoint"]:
+    if init_checkpoint is not None and base_reference(init_checkpoint) != reference["base_checkpoint"]:
       raise ValueError(f"{checkpointer.directory / LORA_FILE}: the adapters were trained on base "
                        f"{reference['base_checkpoint']!r}, but loop.train.init_checkpoint is {init_checkpoint!r}")
     base_checkpoint, seed_for_base = reference["base_checkpoint"], reference["seed"]
   else:
-    base_checkpoint, seed_for_base = None if init_checkpoint is None else str(init_checkpoint), seed
+    base_checkpoint, seed_for_base = base_reference(init_checkpoint), seed
   config, place_base, tokenizer = initialization.initial_params(base_checkpoint, model_config)
   schedule = optimizer_lib.learning_rate_schedule()
   optimizer = optimizer_lib.make_optimizer(schedule)
