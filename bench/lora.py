@@ -96,6 +96,8 @@ def main():
   parser.add_argument("--dropout", type=float, default=0.05)
   parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
   parser.set_defaults(repeats=3)
+  side = next(action for action in parser._actions if action.dest == "side")  # pylint: disable=protected-access
+  side.choices = ("parent", "prepare", "full", "lora")  # this benchmark's children
   args = parser.parse_args()
   sides = {"prepare": train_step_bench.side_prepare, "full": lambda a: side_train(a, False),
            "lora": lambda a: side_train(a, True)}
