@@ -38,8 +38,9 @@ setuptools.setup(
         # libtpu lets tests AOT-compile for TPU v5p topologies on this CPU (tests/test_train_compile.py); it is
         # the libtpu release that matches jax 0.10.2. pytest-xdist: the suite runs in two workers (README), so one
         # test's single-threaded XLA compiles overlap another's computation (bench/README.md, session 14).
-        "test": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "libtpu==0.0.42.1", "pytest",
-                 "pytest-timeout", "pytest-xdist==3.8.0"],
+        # peft: the LoRA adapter export is tested by loading it onto the transformers model (tests/test_lora_export.py).
+        "test": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "peft==0.21.2", "libtpu==0.0.42.1",
+                 "pytest", "pytest-timeout", "pytest-xdist==3.8.0"],
         "tpu": ["libtpu==0.0.42.1"],
     },
 )

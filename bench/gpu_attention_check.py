@@ -23,7 +23,6 @@ to check the script itself on a CPU before spending device time.
 """
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import statistics

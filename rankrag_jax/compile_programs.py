@@ -71,7 +71,8 @@ def executed_train_flops(config: LlamaConfig, rows: int, seq_len: int, loss_posi
   return 6 * layers * tokens + 6 * head * rows * loss_positions + 3 * attention + recompute
 
 
-_TRAIN_SETTINGS = ("model_config", "batch_size", "sequence_length", "num_micro_batches", "max_loss_positions")
+_TRAIN_SETTINGS = ("model_config", "batch_size", "sequence_length", "num_micro_batches", "max_loss_positions",
+                   "lora")
 
 
 def stage2_train_settings() -> dict:
@@ -95,13 +96,14 @@ def stage2_train_workload(mesh, rules) -> Workload:
   settings = stage2_train_settings()
   config, batch_size, seq_len = settings["model_config"], settings["batch_size"], settings["sequence_length"]
   max_loss_positions, num_micro_batches = settings["max_loss_positions"], settings["num_micro_batches"]
+  lora = settings["lora"]
   schedule = optimizer_lib.learning_rate_schedule()
   optimizer = optimizer_lib.make_optimizer(schedule)
 
   def build(config: LlamaConfig) -> Program:
     step_fn, _, data_shardings, abstract_state = step_lib.jit_train_step(
         config, optimizer, schedule, mesh, rules, max_loss_positions=max_loss_positions,
-        num_micro_batches=num_micro_batches)
+        num_micro_batches=num_micro_batches, lora=lora)
     batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=data_shardings[key])
              for key in step_lib.BATCH_KEYS}
     sharding.check_divisible(batch, data_shardings, what="batch feature")
@@ -109,15 +111,34 @@ def stage2_train_workload(mesh, rules) -> Workload:
 
   tokens = batch_size * seq_len
   loss_positions = min(max_loss_positions or seq_len, seq_len)
+  model_flops = config.flops_per_token(seq_len, training=True) * tokens
+  executed = executed_train_flops(config, batch_size, seq_len, loss_positions)
+  formula, trained = "6·N·tokens + causal attention", "AdamW f32 moments"
+  if lora is not None:
+    # No weight gradients for the frozen base: forward + input gradients = 4·N per token, + 6 per adapter weight.
+    adapters = lora_adapter_params(config, lora)
+    matmul_weights = config.flops_per_token(0, training=False) / 2  # decoder layers + LM head
+    head = config.hidden_size * config.vocab_size
+    model_flops += (6 * adapters - 2 * matmul_weights) * tokens
+    executed += (6 * adapters - 2 * (matmul_weights - head)) * tokens - 2 * head * batch_size * loss_positions
+    formula = "4·N·tokens (frozen base) + 6·N_adapters·tokens + causal attention"
+    trained = (f"LoRA r={lora.rank} on {'/'.join(lora.targets)} ({adapters / 1e6:.1f}M f32 adapter params, AdamW "
+               "moments for them only)")
   return Workload(
       name="train_step", kind="train", config=config, build=build, rows=batch_size, tokens_per_row=seq_len,
-      model_flops=config.flops_per_token(seq_len, training=True) * tokens,
-      model_flops_formula="6·N·tokens + causal attention",
-      executed_flops=executed_train_flops(config, batch_size, seq_len, loss_positions),
+      model_flops=model_flops, model_flops_formula=formula, executed_flops=executed,
       description=(f"Stage-II train step: {config.num_params / 1e9:.2f}B params in "
-                   f"{jnp.dtype(config.param_dtype).name}, compute {jnp.dtype(config.dtype).name}, AdamW f32 "
-                   f"moments, remat={config.remat_policy}, scan_layers={config.scan_layers}, batch {batch_size} x "
+                   f"{jnp.dtype(config.param_dtype).name}, compute {jnp.dtype(config.dtype).name}, {trained}, "
+                   f"remat={config.remat_policy}, scan_layers={config.scan_layers}, batch {batch_size} x "
                    f"{seq_len}, LM head on {loss_positions} positions/row, {num_micro_batches} micro-batch(es)"))
+
+
+def lora_adapter_params(config: LlamaConfig, lora) -> int:
+  """Adapter parameters of `lora` on `config` (shapes only: nothing allocated)."""
+  from rankrag_jax.training import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  boxed = lora_lib.boxed_abstract_params(config, lora)
+  return lora_lib.num_adapter_params(lora_lib.split_adapters(jax.tree.map(
+      lambda x: x.value, boxed, is_leaf=lambda x: hasattr(x, "names")))[1])
 
 
 @gin.configurable

@@ -6,7 +6,10 @@
         [--retriever bm25|dense] [--abstain_threshold 0.1] [--chat_format chatqa|chat_template]
         [--task open_domain_qa|fever] [--gin_file run.gin --gin_bindings "generate.temperature = 0.7"]
 
-`--checkpoint` is anything `convert.load.load_model` reads: a model asset name, a `.gguf` file, or an HF directory.
+`--checkpoint` is anything `convert.load.load_model` reads: a model asset name, a `.gguf` file, or an HF directory;
+with LoRA, a PEFT adapter directory (its base from adapter_config.json, e.g. a LoRA run's `hf_peft/`) or the LoRA
+run directory itself (base + adapters merged once at load); Gin `load_rag_model.adapter` puts a PEFT adapter on
+any base.
 The questions file is JSONL with a `question` field (optional `id`, `answers`, passed through). Each answer comes
 with its kept passages and their scores (P("True") over the full vocabulary, and P(True)/(P(True)+P(False))), and
 the command reports the time spent in each stage. Errors in the inputs end the command with a one-line message
@@ -68,18 +71,19 @@ def place_on_mesh(params: dict, config: LlamaConfig, mesh: jax.sharding.Mesh) ->
 
 
 @gin.configurable(denylist=["checkpoint"])
-def load_rag_model(checkpoint: str, mesh_from_gin: bool = False) -> RagModel:
+def load_rag_model(checkpoint: str, mesh_from_gin: bool = False, adapter: str | None = None) -> RagModel:
   """Loads `checkpoint` with `load_model`, placing it on a mesh when there is more than one device.
 
   Args:
-    checkpoint: a model asset name, a .gguf file, or an HF directory.
+    checkpoint: a model asset name, a .gguf file, an HF directory, a PEFT adapter directory or a LoRA run.
+    adapter: a PEFT adapter directory merged into `checkpoint` (the base) at load.
     mesh_from_gin: False: a pure data-parallel mesh over all devices (params replicated, batches split), the
       fastest for models that fit one device. True: `sharding.make_mesh()` as Gin configures it (e.g. FSDP for
       70B); batches are then split over its data and fsdp axes.
   """
   if not checkpoint:
     raise RagError("--checkpoint is required (a .gguf file, an HF directory, or 'smollm2_135m_instruct')")
-  config, params, tokenizer = load.load_model(checkpoint)
+  config, params, tokenizer = load.load_model(checkpoint, adapter=adapter)
   if tokenizer is None:
     raise RagError(f"--checkpoint {checkpoint}: no tokenizer found (put tokenizer.json next to config.json)")
   mesh = None

@@ -70,6 +70,9 @@ def format_summary(summary) -> str:
   if summary.hf_export_dir:
     lines.append(f"  HF export:         {summary.hf_export_dir}  "
                  "(transformers.AutoModelForCausalLM.from_pretrained(...))")
+  if summary.peft_export_dir:
+    lines.append(f"  PEFT adapter:      {summary.peft_export_dir}  (peft.PeftModel.from_pretrained(base, ...); "
+                 "rag.py --checkpoint=... serves it with its base)")
   return "\n".join(lines)
 
 

@@ -250,11 +250,11 @@ def test_dots_remat_keeps_the_training_attention_statistics():
   q, k = jnp.ones((1, 8, 4, 8)), jnp.ones((1, 8, 2, 8))
   mask = jnp.tril(jnp.ones((8, 8), bool))[None, None]
   assert cpu_build.available()
-  for attention, names, count in [(lambda q, k: ops.causal_blockwise_attention(q, k, k, mask, 4),
+  for attention_fn, names, count in [(lambda q, k: ops.causal_blockwise_attention(q, k, k, mask, 4),
                                    ("attention_out", "attention_row_max", "attention_row_sum"), 2),
                                   (lambda q, k: cpu_attention.training_attention(q, k, k, mask),
                                    ("attention_out", "attention_lse"), 1)]:
-    layer = jax.checkpoint(attention, policy=llama._REMAT_POLICIES["dots"])  # pylint: disable=protected-access
+    layer = jax.checkpoint(attention_fn, policy=llama._REMAT_POLICIES["dots"])  # pylint: disable=protected-access
     with contextlib.redirect_stdout(io.StringIO()) as printed:
       jax.ad_checkpoint.print_saved_residuals(layer, q, k)
     for name in names:

@@ -5,7 +5,8 @@
   "smollm2_135m_instruct"   a model asset name (rankrag_jax.assets), loaded by convert.load_model;
   /path/model.gguf          a GGUF (dequantised);
   /path/hf_dir              an HF directory (config.json + safetensors);
-  /path/stage1_model_dir    one of our training runs (its `checkpoints/`, the latest step; params only).
+  /path/stage1_model_dir    one of our training runs (its `checkpoints/`, the latest step; params only; a LoRA
+                            run: its base with the adapters merged).
 The architecture comes from the checkpoint; numerics (dtype, param_dtype, scan_layers, remat_policy) from the
 Gin model config, which must agree with the checkpoint on every shape.
 """
@@ -23,6 +24,7 @@ from rankrag_jax import tokenizer as tokenizer_lib
 from rankrag_jax.model import llama
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.training import checkpointing
+from rankrag_jax.training import lora_step
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "tie_word_embeddings")
@@ -62,7 +64,9 @@ def initial_params(init_checkpoint: str | None, gin_config: LlamaConfig) -> tupl
   if init_checkpoint is None:
     return gin_config, lambda abstract, seed: random_params(gin_config, seed, _shardings(abstract)), None
   source = str(init_checkpoint)
-  if checkpointing.find_checkpoint_directory(source) is not None:
+  run_checkpoints = checkpointing.find_checkpoint_directory(source)
+  # A LoRA run's checkpoints hold adapters, not params: load_model below merges them into the base it names.
+  if run_checkpoints is not None and not (run_checkpoints / lora_step.LORA_FILE).exists():
     config = merge_configs(gin_config, checkpointing.read_checkpoint_config(source), source)
     place = lambda abstract, seed: checkpointing.load_params_from_checkpoint(source, abstract)[1]  # noqa: E731
     return config, place, load_run_tokenizer(source)

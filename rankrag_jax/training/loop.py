@@ -23,6 +23,8 @@ from rankrag_jax.training import bucketing
 from rankrag_jax.training import checkpointing
 from rankrag_jax.training import data as data_lib
 from rankrag_jax.training import initialization
+from rankrag_jax.training import lora as lora_lib
+from rankrag_jax.training import lora_step
 from rankrag_jax.training import loss as loss_lib
 from rankrag_jax.training import metrics as metrics_lib
 from rankrag_jax.training import optimizer as optimizer_lib
@@ -48,6 +50,7 @@ class TrainSummary:
   final_eval_loss: float | None = None
   final_train_loss: float | None = None
   wall_seconds: float = 0.0
+  peft_export_dir: str | None = None  # LoRA runs: the adapters as a PEFT directory
 
 
 class HeldOut:
@@ -115,15 +118,35 @@ class Run:
   eval_fn: object
   data_shardings: dict
   resumed: bool
+  lora: lora_lib.LoraConfig | None = None
+
+  def eval_params(self):
+    """What eval_fn takes: the params, or for LoRA the base and adapters in one tree."""
+    return self.state["params"] if self.lora is None else lora_step.eval_params(self.state)
+
+  def model_params(self):
+    """Plain Llama params (LoRA: adapters merged, a full-size copy) for ranking evaluation and HF export."""
+    return self.state["params"] if self.lora is None else lora_step.merged_params(self.state, self.lora)
+
+  def checkpointed(self) -> dict:
+    """What a checkpoint holds: the whole state, or for LoRA all but the base (lora.json names it)."""
+    return self.state if self.lora is None else lora_step.checkpointed(self.state)
 
 
 def start_or_resume(checkpointer: checkpointing.Checkpointer, model_dir, model_config: LlamaConfig,
                     init_checkpoint: str | None, mesh, rules, *, seed: int, max_loss_positions: int | None,
-                    num_micro_batches: int) -> Run:
+                    num_micro_batches: int, lora: lora_lib.LoraConfig | None = None) -> Run:
   """Resumes from the newest checkpoint in `checkpointer`, else initialises from `init_checkpoint`.
 
   The architecture is the init checkpoint's (or the resumed run's); numerics are the Gin config's.
+  With `lora`, init_checkpoint is the frozen base and only adapters are trained (`lora_step.start_or_resume`).
   """
+  if lora is not None:
+    fields = lora_step.start_or_resume(checkpointer, model_dir, model_config, init_checkpoint, lora, mesh, rules,
+                                       seed=seed, max_loss_positions=max_loss_positions,
+                                       num_micro_batches=num_micro_batches)
+    fields["data_position"] = fields["data_position"] or {TRAIN_POSITION_KEY: 0}
+    return Run(**fields, lora=lora)
   resume_step = checkpointer.latest_step()
   if resume_step is not None:
     config = initialization.merge_configs(model_config, checkpointing.read_checkpoint_config(model_dir),
@@ -162,7 +185,7 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
           eval_every: int | None = None, eval_batches: int = 4, eval_batch_size: int | None = None,
           eval_at_start: bool = True, ranking_eval: bool = False, peak_flops_per_device: float = 160e9,
           export_hf: bool = True, progress_bar: bool = True, metrics_dir: str | None = None,
-          hf_export_dir: str | None = None) -> TrainSummary:
+          hf_export_dir: str | None = None, lora: lora_lib.LoraConfig | None = None) -> TrainSummary:
   """Trains `model_config` for `total_steps` optimizer steps of `batch_size` packed rows of `sequence_length`.
 
   Resumes from the newest checkpoint in `<model_dir>/checkpoints` when there is one (params, optimizer state,
@@ -190,6 +213,9 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
     progress_bar: a tqdm bar on host 0.
     metrics_dir: TensorBoard + metrics.jsonl (default model_dir; set a local one when model_dir is on GCS).
     hf_export_dir: default `<model_dir>/hf` (a local path: the exporter writes with plain file I/O).
+    lora: None (full fine-tuning) or `@LoraConfig()` (gin_configs/lora.gin): init_checkpoint is the frozen base,
+      only the adapters are trained and checkpointed (training/lora_step.py); the export is then the merged
+      model in hf_export_dir and a PEFT adapter directory beside it (`<hf_export_dir>_peft`).
   """
   start_time = time.time()
   model_dir = checkpointing.absolute_path(model_dir)
@@ -207,7 +233,7 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
   writer = None
   try:
     run = start_or_resume(checkpointer, model_dir, model_config, init_checkpoint, mesh, rules, seed=seed,
-                          max_loss_positions=max_loss_positions, num_micro_batches=num_micro_batches)
+                          max_loss_positions=max_loss_positions, num_micro_batches=num_micro_batches, lora=lora)
     first_step = int(jax.device_get(run.state["step"]))
     source = batch_fn(split="train", batch_size=batch_size // hosts, sequence_length=sequence_length,
                       shard_id=jax.process_index(), num_shards=hosts, seed=seed,
@@ -229,13 +255,15 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
         ranking_lib.write_slice(ranking.questions, metrics_dir / "ranking_eval_questions.jsonl")
 
     def evaluate(step):
-      loss = held_out.evaluate(run.state["params"], step, writer) if eval_batches else None
+      loss = held_out.evaluate(run.eval_params(), step, writer) if eval_batches else None
       if ranking is not None:
-        result = ranking.evaluate(run.state["params"], run.config, run.tokenizer)
+        result = ranking.evaluate(run.model_params(), run.config, run.tokenizer)
         writer.write(step, result)
         writer.message(f"step {step}: {ranking.describe(result)}")
       return loss
-    writer.message(f"Training {run.config.num_params / 1e6:.1f}M params on mesh {dict(mesh.shape)} "
+    trained = "" if lora is None else (f" (frozen; LoRA r={lora.rank} adapters trained: "
+                                       f"{lora_lib.num_adapter_params(run.state['adapters']) / 1e6:.2f}M params)")
+    writer.message(f"Training {run.config.num_params / 1e6:.1f}M params{trained} on mesh {dict(mesh.shape)} "
                    f"({jax.device_count()} {jax.devices()[0].platform} devices, {hosts} host(s)): steps "
                    f"{first_step} -> {total_steps}, {batch_size} x {sequence_length} tokens/step. Run dir: "
                    f"{model_dir}")
@@ -286,14 +314,18 @@ def train(model_dir: str = gin.REQUIRED, model_config: LlamaConfig = gin.REQUIRE
         if (eval_batches or ranking) and (done or (eval_every and step % eval_every == 0)):
           summary.final_eval_loss = evaluate(step)
         if save_due:
-          checkpointer.save(step, run.state, {TRAIN_POSITION_KEY: source.position})
+          checkpointer.save(step, run.checkpointed(), {TRAIN_POSITION_KEY: source.position})
         pending.restart_clock()  # evaluation and checkpointing time is not training throughput
       if first_step >= total_steps and not run.resumed:  # a 0-step run (e.g. converting HF weights once)
-        checkpointer.save(first_step, run.state, {TRAIN_POSITION_KEY: source.position})
+        checkpointer.save(first_step, run.checkpointed(), {TRAIN_POSITION_KEY: source.position})
       checkpointer.wait()
       if export_hf:
-        summary.hf_export_dir = str(export_hf_checkpoint(hf_export_dir, run.config, run.state["params"],
+        summary.hf_export_dir = str(export_hf_checkpoint(hf_export_dir, run.config, run.model_params(),
                                                          run.tokenizer))
+        if lora is not None:
+          summary.peft_export_dir = str(export_peft_adapter(
+              hf_export_dir.with_name(hf_export_dir.name + "_peft"), run,
+              lora_step.read_reference(checkpointer.directory)["base_checkpoint"]))
   finally:
     checkpointer.wait()
     checkpointer.close()
@@ -313,4 +345,16 @@ def export_hf_checkpoint(directory: pathlib.Path, config: LlamaConfig, params: d
   if jax.process_index() == 0:
     hf.save_hf_checkpoint(directory, config, host_params, tokenizer)
   multihost_utils.sync_global_devices("hf_export")
+  return directory
+
+
+def export_peft_adapter(directory: pathlib.Path, run: Run, base_checkpoint: str | None) -> pathlib.Path:
+  """Writes a LoRA run's adapters as a PEFT directory (host 0), naming `base_checkpoint` as its base model."""
+  from rankrag_jax.convert import peft  # local: safetensors, only at export time
+  adapters = run.state["adapters"]
+  if jax.process_count() > 1:
+    adapters = jax.tree.map(np.asarray, multihost_utils.process_allgather(adapters))
+  if jax.process_index() == 0:
+    peft.save_peft_adapter(directory, run.config, jax.device_get(adapters), run.lora, base_checkpoint)
+  multihost_utils.sync_global_devices("peft_export")
   return directory

@@ -22,6 +22,7 @@ from rankrag_jax.model import attention
 from rankrag_jax.model import axes
 from rankrag_jax.model.config import LlamaConfig
 from rankrag_jax.model.llama import Llama
+from rankrag_jax.training import lora as lora_lib
 from rankrag_jax.training import loss as loss_lib
 
 BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids", "decoder_positions",
@@ -48,9 +49,15 @@ def abstract_train_state(config: LlamaConfig, optimizer: optax.GradientTransform
 
 
 def train_state_shardings(config: LlamaConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                          rules) -> tuple[dict, dict]:
-  """(abstract state with .sharding set, NamedSharding pytree), after checking every dimension divides."""
-  abstract, logical = abstract_train_state(config, optimizer)
+                          rules, lora=None) -> tuple[dict, dict]:
+  """(abstract state with .sharding set, NamedSharding pytree), after checking every dimension divides.
+
+  lora: a `lora.LoraConfig`: the LoRA state instead (frozen params + adapters; `lora_step.abstract_train_state`)."""
+  if lora is None:
+    abstract, logical = abstract_train_state(config, optimizer)
+  else:
+    from rankrag_jax.training import lora_step  # local: lora_step builds on this module
+    abstract, logical = lora_step.abstract_train_state(config, lora, optimizer)
   # Leaf by leaf: optax states hold empty NamedTuples (EmptyState) that must stay pytree nodes, not leaves.
   sharding_lib.validate_rules(mesh, rules)
   shardings = jax.tree.map(lambda spec: sharding_lib.logical_to_sharding(spec, mesh, rules), logical,
@@ -111,12 +118,19 @@ def _summed_grads(params, batch, *, model, max_loss_positions, num_micro_batches
 
 def train_step(state: dict, batch: dict, *, model: Llama, optimizer: optax.GradientTransformation,
                schedule: optax.Schedule, max_loss_positions: int | None = None,
-               num_micro_batches: int = 1, num_tokens: int | None = None, num_shards: int = 1) -> tuple[dict, dict]:
+               num_micro_batches: int = 1, num_tokens: int | None = None, num_shards: int = 1,
+               lora=None) -> tuple[dict, dict]:
   """One optimizer update on the mean answer-token loss of `batch` (all micro-batches). Pure function.
 
   num_tokens: None, or the real tokens per (micro-batch, data shard) the model's per-token work runs on
   (`token_layout.tokens_needed` rounded up to a bucket; static). num_shards: the batch's data shards.
+  lora: a `lora.LoraConfig`: update only the adapters of a LoRA state (`lora_step.train_step`).
   """
+  if lora is not None:
+    from rankrag_jax.training import lora_step  # local: lora_step builds on this module
+    return lora_step.train_step(state, batch, model=model, lora=lora, optimizer=optimizer, schedule=schedule,
+                                max_loss_positions=max_loss_positions, num_micro_batches=num_micro_batches,
+                                num_tokens=num_tokens, num_shards=num_shards)
   grads, sums = _summed_grads(state["params"], batch, model=model, max_loss_positions=max_loss_positions,
                               num_micro_batches=num_micro_batches, num_tokens=num_tokens, num_shards=num_shards)
   denominator = jnp.maximum(sums[loss_lib.WEIGHT_SUM], 1e-8)
@@ -134,25 +148,35 @@ def train_step(state: dict, batch: dict, *, model: Llama, optimizer: optax.Gradi
   return new_state, metrics
 
 
-def eval_step(params: dict, batch: dict, *, model: Llama, max_loss_positions: int | None = None) -> dict:
-  """Summed loss/weight/correct over `batch`, to be combined over eval batches by the caller."""
+def eval_step(params: dict, batch: dict, *, model: Llama, max_loss_positions: int | None = None,
+              lora=None) -> dict:
+  """Summed loss/weight/correct over `batch`, to be combined over eval batches by the caller.
+
+  lora: a `lora.LoraConfig`; params are then the base and adapters in one tree (`lora.combine`)."""
+  if lora is not None:
+    model = lora_lib.AdaptedModel(model, lora, base={})
   return loss_lib.loss_sums(params, batch, model=model, max_loss_positions=max_loss_positions)
 
 
 def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                   mesh: Mesh, rules, *, max_loss_positions: int | None = None, num_micro_batches: int = 1):
+                   mesh: Mesh, rules, *, max_loss_positions: int | None = None, num_micro_batches: int = 1,
+                   lora=None):
   """train_step jitted with explicit in/out shardings and the state donated (updated in place); attention as
   `config.attention_impl` resolves for the mesh's platform (`model/attention.py`).
+
+  lora: a `lora.LoraConfig`: the LoRA state and step (only the adapters trained; `training/lora_step.py`).
 
   Returns (step_fn, state_shardings, batch_shardings, abstract_state). Call step_fn(state, batch) under
   `sharding_context(mesh, rules)` (the model's activation constraints read the rules at trace time), or
   step_fn(state, batch, num_tokens, loss_positions) with a `bucketing.StepShape`'s static sizes (one compiled step
   per distinct shape; loss_positions <= max_loss_positions).
   """
-  abstract, state_shardings = train_state_shardings(config, optimizer, mesh, rules)
+  abstract, state_shardings = train_state_shardings(config, optimizer, mesh, rules, lora)
   data_shardings = batch_shardings(mesh, rules)
   step = functools.partial(train_step, model=_model(config, mesh), optimizer=optimizer, schedule=schedule,
                            num_micro_batches=num_micro_batches, num_shards=num_data_shards(mesh, rules))
+  if lora is not None:
+    step = functools.partial(step, lora=lora)
 
   def fn(state, batch, num_tokens=None, loss_positions=None):  # positional: jit with in_shardings takes no kwargs
     return step(state, batch, num_tokens=num_tokens,
@@ -165,9 +189,11 @@ def jit_train_step(config: LlamaConfig, optimizer: optax.GradientTransformation,
 
 
 def jit_eval_step(config: LlamaConfig, mesh: Mesh, rules, param_shardings, *,
-                  max_loss_positions: int | None = None):
+                  max_loss_positions: int | None = None, lora=None):
   fn = functools.partial(eval_step, model=_model(config, mesh),
                          max_loss_positions=max_loss_positions)
+  if lora is not None:  # param_shardings: of the base and adapters in one tree
+    fn = functools.partial(fn, lora=lora)
   return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, rules)),
                  out_shardings=NamedSharding(mesh, PartitionSpec()), compiler_options=_compiler_options(mesh))
 
