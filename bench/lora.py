@@ -60,18 +60,7 @@ def side_train(args, lora_side: bool) -> dict:
       trainable = state["adapters"]
     del params
     shapes = train_step_bench.step_shapes(batches, args)
-    device_batches = [{k: jax.device_put(batches[k][i][:, :length], data_shardings[k]) for k in step_lib.BATCH_KEYS}
-                      for i, (length, _) in enumerate(shapes)]
-    holder = {"state": state, "losses": []}
-
-    def run():  # step i trains on batch i
-      i = len(holder["losses"])
-      holder["state"], metrics = step_fn(holder["state"], device_batches[i], *shapes[i][1])
-      holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
-
-    run()  # compile
-    for i in range(1, len(shapes)):
-      step_fn.lower(holder["state"], device_batches[i], *shapes[i][1]).compile()
+    holder, run = train_step_bench.compiled_step_runner(step_fn, state, batches, shapes, data_shardings)
     load = common.machine_load()
     times = common.time_repeats(run, args.repeats, warmup=0)
   count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731

@@ -148,6 +148,26 @@ def side_prepare(args) -> dict:
           "max_answer_tokens_per_row": int(max((b["decoder_loss_weights"] != 0).sum(1).max() for b in batches))}
 
 
+def compiled_step_runner(step_fn, state, batches, shapes, data_shardings):
+  """(holder, run): each `run()` trains on the next batch (holder["state"], holder["losses"]); the first call has
+  run and every other shape is compiled, so timed calls only execute."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from rankrag_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
+  device_batches = [{k: jax.device_put(batches[k][i][:, :length], data_shardings[k]) for k in step_lib.BATCH_KEYS}
+                    for i, (length, _) in enumerate(shapes)]
+  holder = {"state": state, "losses": []}
+
+  def run():  # step i trains on batch i
+    i = len(holder["losses"])
+    holder["state"], metrics = step_fn(holder["state"], device_batches[i], *shapes[i][1])
+    holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
+
+  run()  # compile
+  for i in range(1, len(shapes)):  # compile the timed steps' other shapes (a long run compiles each once)
+    step_fn.lower(holder["state"], device_batches[i], *shapes[i][1]).compile()
+  return holder, run
+
+
 def side_ours(args) -> dict:
   import jax
   import numpy as np
@@ -176,18 +196,7 @@ def side_ours(args) -> dict:
     state = jax.jit(lambda p: step_lib.new_train_state(p, optimizer, 0), out_shardings=state_shardings)(params)
     del params
     shapes = step_shapes(batches, args)
-    device_batches = [{k: jax.device_put(batches[k][i][:, :length], data_shardings[k]) for k in step_lib.BATCH_KEYS}
-                      for i, (length, _) in enumerate(shapes)]
-    holder = {"state": state, "losses": []}
-
-    def run():  # step i trains on batch i
-      i = len(holder["losses"])
-      holder["state"], metrics = step_fn(holder["state"], device_batches[i], *shapes[i][1])
-      holder["losses"].append(float(metrics["loss"]))  # blocks until the step is done
-
-    run()  # compile
-    for i in range(1, len(shapes)):  # compile the timed steps' other shapes (a long run compiles each once)
-      step_fn.lower(holder["state"], device_batches[i], *shapes[i][1]).compile()
+    holder, run = compiled_step_runner(step_fn, state, batches, shapes, data_shardings)
     probe = common.matmul_flops_probe()
     load = common.machine_load()
     times = common.time_repeats(run, args.repeats, warmup=0)
