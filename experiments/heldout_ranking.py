@@ -78,7 +78,12 @@ def learning_curve(run_dirs: list[pathlib.Path], out: pathlib.Path, rows_per_ste
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   curves = {}
   for run_dir in run_dirs:
+    if not (run_dir / "metrics.jsonl").is_file():
+      raise SystemExit(f"--curve: {run_dir} is not a training run directory (no metrics.jsonl)")
     points = [r for r in metrics_lib.read_metrics(run_dir) if "rank/auc" in r]
+    if not points:
+      raise SystemExit(f"--curve: {run_dir / 'metrics.jsonl'} has no ranking evaluations (rank/auc); train with "
+                       "loop.train.ranking_eval = True (gin_configs/rank_smollm2_cpu.gin)")
     curves[run_dir.name] = points
     seen = [r["step"] * rows_per_step for r in points]
     axes[0].plot(seen, [r["rank/auc"] for r in points], marker="o", label=run_dir.name)
