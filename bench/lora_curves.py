@@ -12,7 +12,8 @@ import json
 import pathlib
 import sys
 
-COLUMNS = (("eval/loss", "held-out loss"), ("rank/auc", "AUC"), ("rank/recall@1", "R@1"), ("rank/recall@5", "R@5"),
+COLUMNS = (("eval/loss", "held-out loss"), ("rank/auc", "AUC"), ("rank/auc_on_topic", "on-topic AUC"),
+           ("rank/recall@1", "R@1"), ("rank/recall@5", "R@5"),
            ("qa/em", "EM"))
 
 

@@ -2,12 +2,15 @@
 
     python experiments/heldout_ranking.py --tuned runs/rank_a/hf [--systems bm25,dense,zs,zsct,tuned] [--n 20]
     python experiments/heldout_ranking.py --curve runs/rank_b,runs/rank_f   # learning curves only (one figure)
+    python experiments/heldout_ranking.py --systems "" --rescore /tmp/ev/runs/heldout_zs_n20  # re-score, no model
 
 Reranking reorders each question's BM25 top-N, so a question with no answer-bearing passage in its top N has
 answer-Recall@k 0 under every reranker. Only the others ("rerankable") are scored by the model; Recall@k is then
 counted over all held-out questions (hits / 1,769): exact, at a fraction of the cost (~17% of questions at N=20).
 Dense retrieval (all-MiniLM-L6-v2) runs on every held-out question: its own top N, no reranking.
-AUC is P("True")'s pairwise AUC over each rerankable question's own (answer passage, other passage) pairs.
+AUC is P("True")'s pairwise AUC over each rerankable question's own (answer passage, other passage) pairs, beside
+BM25's own score's AUC on the same pairs; "on-topic AUC" counts as positive only answer passages whose title is on
+the question's topic (`blend.title_on_topic`: most answer matches in this small corpus are coincidental).
 
 Writes experiments/results/heldout_ranking.{md,json} and, with --curve, experiments/results/learning_curve.png.
 """
@@ -22,17 +25,19 @@ import common  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 
 from rankrag_jax import evaluate
+from rankrag_jax.data import blend
 from rankrag_jax.data.answers import has_answer
 from rankrag_jax.retrieval import bm25
 from rankrag_jax.retrieval import corpus as corpus_lib
 from rankrag_jax.training import metrics as metrics_lib
-from rankrag_jax.training.ranking_eval import pooled_auc
+from rankrag_jax.training.ranking_eval import ranking_aucs
 
 KS = (1, 5, 20)
 
 
 def rerankable_subset(n: int, out_path: pathlib.Path) -> tuple[int, int, dict]:
-  """Writes the held-out questions with an answer passage in their BM25 top n; returns (all, kept, corpus texts)."""
+  """Writes the held-out questions with an answer passage in their BM25 top n; returns (all, kept, {"text": id ->
+  passage text, "title": id -> title})."""
   rows = evaluate.read_eval_dataset(evaluate.resolve_path(common.HELDOUT))
   corpus = corpus_lib.read_corpus_jsonl(evaluate.resolve_path(common.CORPUS))
   text_of = dict(zip(corpus.ids, corpus.passages()))
@@ -41,7 +46,7 @@ def rerankable_subset(n: int, out_path: pathlib.Path) -> tuple[int, int, dict]:
   with open(out_path, "w", encoding="utf-8") as f:
     for r in kept:
       f.write(json.dumps({"id": r["id"], "question": r["question"], "answers": r["answers"]}) + "\n")
-  return len(rows), len(kept), text_of
+  return len(rows), len(kept), {"text": text_of, "title": dict(zip(corpus.ids, corpus.titles))}
 
 
 def system_settings(key: str, tuned: str | None, n: int) -> tuple[str, dict]:
@@ -58,26 +63,40 @@ def system_settings(key: str, tuned: str | None, n: int) -> tuple[str, dict]:
                                                    **shared)
 
 
-def score_system(records: list[dict], total: int, text_of: dict, reranked: bool) -> dict:
-  hits = {k: sum(any(has_answer(text_of[c["id"]], r["answers"]) for c in r["ranked"][:k]) for r in records)
+def _labelled(records: list[dict], corpus: dict) -> list[dict]:
+  """Each record's answer labels and on-topic labels (`ranking_eval.ranking_questions`' rule) in its ranked order."""
+  out = []
+  for r in records:
+    labels = np.array([has_answer(corpus["text"][c["id"]], r["answers"]) for c in r["ranked"]])
+    topical = np.array([blend.title_on_topic(r["question"], {"title": corpus["title"][c["id"]]}, r["answers"])
+                        for c in r["ranked"]])
+    out.append({"labels": labels, "on_topic": labels & topical})
+  return out
+
+
+def score_system(records: list[dict], total: int, corpus: dict, reranked: bool) -> dict:
+  """Answer-Recall@k over all `total` questions; for a reranker also its AUCs beside BM25's own on the same
+  candidates (BM25's score is each candidate's retrieval_score)."""
+  hits = {k: sum(any(has_answer(corpus["text"][c["id"]], r["answers"]) for c in r["ranked"][:k]) for r in records)
           for k in KS}
   result = {f"R@{k}": 100 * hits[k] / total for k in KS}
   if reranked:
-    result["AUC"] = 100 * pooled_auc([(np.array([c["p_true"] for c in r["ranked"]]),
-                                       np.array([has_answer(text_of[c["id"]], r["answers"]) for c in r["ranked"]]))
-                                      for r in records])
+    labelled = _labelled(records, corpus)
+    for prefix, key in (("", "p_true"), ("bm25_", "retrieval_score")):
+      scores = [np.array([c[key] for c in r["ranked"]]) for r in records]
+      result.update({k.replace("auc", "AUC"): 100 * v for k, v in ranking_aucs(scores, labelled, prefix).items()})
   return result
 
 
-def learning_curve(run_dirs: list[pathlib.Path], out: pathlib.Path, rows_per_step: int) -> dict[str, list[dict]]:
+def learning_curve(run_dirs: list[pathlib.Path], out: pathlib.Path, rows_per_step: list[int]) -> dict[str, list[dict]]:
   """One figure: each run's in-training AUC and reranked Recall@5 against packed rows seen (BM25's Recall@5 and
-  AUC 0.5 for reference)."""
+  AUC 0.5 for reference); `rows_per_step[i]` is run i's batch size."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   curves = {}
-  for run_dir in run_dirs:
+  for run_dir, rows in zip(run_dirs, rows_per_step, strict=True):
     if not (run_dir / "metrics.jsonl").is_file():
       raise SystemExit(f"--curve: {run_dir} is not a training run directory (no metrics.jsonl)")
     points = [r for r in metrics_lib.read_metrics(run_dir) if "rank/auc" in r]
@@ -85,14 +104,14 @@ def learning_curve(run_dirs: list[pathlib.Path], out: pathlib.Path, rows_per_ste
       raise SystemExit(f"--curve: {run_dir / 'metrics.jsonl'} has no ranking evaluations (rank/auc); train with "
                        "loop.train.ranking_eval = True (gin_configs/rank_smollm2_cpu.gin)")
     curves[run_dir.name] = points
-    seen = [r["step"] * rows_per_step for r in points]
+    seen = [r["step"] * rows for r in points]
     axes[0].plot(seen, [r["rank/auc"] for r in points], marker="o", label=run_dir.name)
     axes[1].plot(seen, [r["rank/recall@5"] for r in points], marker="o", label=run_dir.name)
   axes[0].axhline(0.5, color="grey", ls=":", label="chance")
   bm25 = next(iter(curves.values()))[0]["rank/bm25_recall@5"]
   axes[1].axhline(bm25, color="black", ls="--", label="BM25")
-  axes[0].set(xlabel=f"packed rows seen ({rows_per_step}/step)", ylabel="P(True) pairwise AUC", title="ranking AUC")
-  axes[1].set(xlabel=f"packed rows seen ({rows_per_step}/step)", ylabel="answer-Recall@5 of BM25 top-20",
+  axes[0].set(xlabel="packed rows of 512 tokens seen", ylabel="P(True) pairwise AUC", title="ranking AUC")
+  axes[1].set(xlabel="packed rows of 512 tokens seen", ylabel="answer-Recall@5 of BM25 top-20",
               title="Recall@5 of the reranked top 20")
   for ax in axes:
     ax.legend(fontsize=8)
@@ -108,16 +127,23 @@ def main():
   parser.add_argument("--tuned", default=None, help="the tuned checkpoint (an HF dir, e.g. runs/rank_a/hf)")
   parser.add_argument("--systems", default="bm25,zs,zsct,tuned")
   parser.add_argument("--n", type=int, default=20)
+  parser.add_argument("--rescore", default=None, help="prediction directories (comma-separated) of systems already "
+                      "in results/heldout_ranking.json: recompute their metrics from predictions.jsonl, no model run")
   parser.add_argument("--runs_dir", default=common.DEFAULT_RUNS_DIR)
   parser.add_argument("--curve", default=None, help="run directories, comma-separated: plot their in-training "
                       "ranking metrics in one figure")
   parser.add_argument("--curve_out", default="learning_curve.png", help="the figure's name under results/")
-  parser.add_argument("--rows_per_step", type=int, default=4)
+  parser.add_argument("--rows_per_step", default="4", help="each --curve run's batch size (packed rows per "
+                      "step), comma-separated in the same order; one value applies to all")
   args = parser.parse_args()
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   if args.curve:
-    curves = learning_curve([pathlib.Path(d) for d in args.curve.split(",")], common.RESULTS_DIR / args.curve_out,
-                            args.rows_per_step)
+    run_dirs = [pathlib.Path(d) for d in args.curve.split(",")]
+    rows = [int(r) for r in args.rows_per_step.split(",")]
+    if len(rows) not in (1, len(run_dirs)):
+      raise SystemExit(f"--rows_per_step: {len(rows)} values for {len(run_dirs)} --curve runs")
+    curves = learning_curve(run_dirs, common.RESULTS_DIR / args.curve_out, rows * len(run_dirs) if len(rows) == 1
+                            else rows)
     print(json.dumps({name: [{k: r[k] for k in ("step", "rank/auc", "rank/recall@1", "rank/recall@5", "qa/em",
                                                  "qa/f1") if k in r} for r in points]
                       for name, points in curves.items()}, indent=1))
@@ -125,11 +151,16 @@ def main():
   runs_dir = pathlib.Path(args.runs_dir)
   runs_dir.mkdir(parents=True, exist_ok=True)
   subset = runs_dir / f"heldout_rerankable_n{args.n}.jsonl"
-  total, kept, text_of = rerankable_subset(args.n, subset)
+  total, kept, corpus = rerankable_subset(args.n, subset)
   print(f"{kept} of {total} held-out questions have an answer passage in their BM25 top {args.n}")
   results_path = common.RESULTS_DIR / "heldout_ranking.json"
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
-  for key in args.systems.split(","):
+  for directory in map(pathlib.Path, args.rescore.split(",") if args.rescore else []):
+    if directory.name not in results:
+      raise SystemExit(f"--rescore: {directory.name} is not a system of {results_path}")
+    records = [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
+    results[directory.name].update(score_system(records, total, corpus, "AUC" in results[directory.name]))
+  for key in args.systems.split(",") if args.systems else []:
     if key == "tuned" and not args.tuned:
       continue
     label, settings = system_settings(key, args.tuned, args.n)
@@ -143,14 +174,18 @@ def main():
     records = [json.loads(line) for line in (runs_dir / name / "predictions.jsonl").read_text().splitlines()]
     scored = len(records) if settings["retriever"] == "dense" else kept
     results[name] = {"system": label, "questions": total, "scored": scored, "n": args.n, "wall_s": time.time() - start,
-                     **score_system(records, total, text_of, settings["use_reranker"])}
+                     **score_system(records, total, corpus, settings["use_reranker"])}
     print(json.dumps(results[name]))
     results_path.write_text(json.dumps(results, indent=1) + "\n")
-  lines = ["| system | questions (scored) | R@1 | R@5 | R@20 | AUC | wall (s) |", "|---|---|---|---|---|---|---|"]
+  lines = ["| system | questions (scored) | R@1 | R@5 | R@20 | AUC (BM25's) | on-topic AUC (BM25's) | wall (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+
+  def pair(r, key):
+    return f"{r[key]:.1f} ({r['bm25_' + key]:.1f})" if key in r and "bm25_" + key in r else r.get(key, "-")
+
   for r in results.values():
-    auc = f"{r['AUC']:.1f}" if "AUC" in r else "-"
     lines.append(f"| {r['system']} | {r['questions']} ({r['scored']}) | {r['R@1']:.1f} | {r['R@5']:.1f} | "
-                 f"{r['R@20']:.1f} | {auc} | {r['wall_s']:.0f} |")
+                 f"{r['R@20']:.1f} | {pair(r, 'AUC')} | {pair(r, 'AUC_on_topic')} | {r['wall_s']:.0f} |")
   (common.RESULTS_DIR / "heldout_ranking.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 

@@ -31,3 +31,16 @@ def test_missing_top_level_file_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(FileNotFoundError, match="--gin_file nope.gin: no such file"):
     cli.parse_gin(["nope.gin"], [], [], finalize=False)
+
+
+def test_the_documented_ranking_and_lora_recipes_parse():
+  """The README's and experiments/README.md's recipe commands: rank_smollm2_cpu.gin, then LoRA's two gins on top."""
+  files = ["gin_configs/stage2.gin", "gin_configs/cpu.gin", "gin_configs/rank_smollm2_cpu.gin"]
+  cli.parse_gin(files, [], [], finalize=False)
+  assert gin.query_parameter("%MODEL_DIR") == "runs/rank_smollm2_cpu"
+  assert gin.query_parameter("rankrag_jax.data.blend.build_default_blend.positive_rule") == "answer_and_title"
+  gin.clear_config()
+  cli.parse_gin(files + ["gin_configs/lora.gin", "gin_configs/lora_smollm2_cpu.gin"], [], [], finalize=False)
+  assert gin.query_parameter("%MODEL_DIR") == "runs/lora_smollm2_cpu"
+  assert gin.query_parameter("%BATCH_SIZE") == 8  # the full fine-tuning recipe's batches, so the curves compare.
+  assert gin.query_parameter("%LORA_DROPOUT") == 0.0 and gin.query_parameter("%LEARNING_RATE") == 5e-4

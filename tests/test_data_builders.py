@@ -382,6 +382,37 @@ def test_nq_positives_contain_an_answer_and_negatives_do_not(small_blend):
                                 if answers.has_answer(p, question["answers"])], example["id"]
 
 
+class _FixedOrderIndex:
+  """A stand-in for `negatives.Bm25Index` whose every query returns the corpus in order."""
+
+  def __init__(self, corpus):
+    self.corpus = corpus
+
+  def search(self, queries, k):
+    return [[(i, 1.0) for i in range(min(k, len(self.corpus)))] for _ in queries]
+
+
+def test_title_rule_skips_passages_that_hold_the_answer_by_coincidence():
+  question = {"id": "q", "question": "how many hoops are used in a game of croquet", "answers": ["six"]}
+  corpus = [{"id": "0", "title": "Chess", "text": "Each player starts with six kinds of pieces."},
+            {"id": "1", "title": "Heavy metal", "text": "Heavy metal bands play loud music."},
+            {"id": "2", "title": "Croquet", "text": "Croquet is played with six hoops on a lawn."}]
+  index = _FixedOrderIndex(corpus)
+  [by_answer] = blend.with_positives([question], index, 20)
+  [by_title] = blend.with_positives([question], index, 20, "answer_and_title")
+  assert (by_answer["gold_passage_id"], by_title["gold_passage_id"]) == ("0", "2")
+  assert blend.with_positives([question], index, 2, "answer_and_title") == []  # "Croquet" is below depth 2.
+  # A word of the question, matched as a prefix of at least 4 letters either way; or a title naming the answer.
+  assert blend.title_on_topic("what causes the ocean tides", {"title": "Tide"}, ["the Moon"])
+  assert blend.title_on_topic("two atoms that are covalently bonded", {"title": "Covalent bond"}, ["pairs"])
+  assert blend.title_on_topic("who invented the printing press", {"title": "Johannes Gutenberg"}, ["Gutenberg"])
+  assert not blend.title_on_topic("when did the rams go back to la", {"title": "Homeland"}, ["2016"])
+  assert not blend.title_on_topic("what is the sun made of", {"title": "Sunday"}, ["gas"])  # "sun": 3 letters
+  assert not blend.title_on_topic("who sang it", {"title": ""}, ["it"])
+  with pytest.raises(ValueError, match="positive rule 'title'"):
+    blend.with_positives([question], index, 20, "title")
+
+
 def _nq_train_questions():
   root = assets.asset_file("nq_open")
   return [q for name in blend.NQ_TRAIN_FILES for q in readers.read_qa_jsonl(root / name)]
@@ -406,3 +437,19 @@ def test_real_build_is_deterministic_and_never_queries_heldout(small_blend, tmp_
     for example in component:
       assert not example["id"].startswith(blend.NQ_HELDOUT_FILE.removesuffix(".jsonl")), name
       assert example["id"].rsplit("/", 1)[0] not in heldout_ids and example["id"] not in heldout_ids, name
+
+
+def test_ranking_eval_slice_labels_answers_and_on_topic_answers(small_blend):
+  from rankrag_jax.training import ranking_eval  # pylint: disable=g-import-not-at-top
+  questions = ranking_eval.ranking_questions(num_questions=6, blend_dir=str(small_blend["dir"]),
+                                             validation_fraction=0.02)
+  title_of = {p["id"]: p["title"] for p in small_blend["corpus"]}
+  text_to_id = {blend.passage_text(p["title"], p["text"]): p["id"] for p in small_blend["corpus"]}
+  assert len(questions) == 6
+  for q in questions:
+    assert list(q["labels"]) == [answers.has_answer(p, q["answers"]) for p in q["passages"]]
+    assert 0 < q["labels"].sum() < len(q["labels"])
+    assert list(q["on_topic"]) == [bool(label) and blend.title_on_topic(q["question"], {"title": title_of[text_to_id[p]]},
+                                                                       q["answers"])
+                                   for p, label in zip(q["passages"], q["labels"])]
+  assert any(q["on_topic"].any() for q in questions) and any((q["labels"] & ~q["on_topic"]).any() for q in questions)

@@ -38,15 +38,23 @@ def test_pooled_auc_counts_within_question_pairs_and_ties_half():
 def test_evaluate_reports_the_models_own_ranking(make_tiny_rag_model):
   model = make_tiny_rag_model(256)
   questions = [{"id": "q1", "question": "What is the capital of France?", "answers": ["Paris"],
-                "passages": PASSAGES, "labels": np.array([True, False, True, False])},
+                "passages": PASSAGES, "labels": np.array([True, False, True, False]),
+                "on_topic": np.array([True, False, False, False])},  # passage 3: an answer by coincidence.
                {"id": "q2", "question": "What is the capital of Germany?", "answers": ["Berlin"],
-                "passages": PASSAGES[::-1], "labels": np.array([False, False, True, False])}]
+                "passages": PASSAGES[::-1], "labels": np.array([False, False, True, False]),
+                "on_topic": np.array([False, False, True, False])}]
   evaluator = ranking_eval.RankingEval(questions=questions, k=2, max_new_tokens=3)
-  assert evaluator.bm25_recall == {"rank/bm25_recall@1": 0.5, "rank/bm25_recall@5": 1.0}
+  # BM25's order is the passages' order: q1 orders 3 of its 4 pairs right, q2 1 of 3; on-topic: 2 of 2, 1 of 3.
+  assert evaluator.bm25_reference == {"rank/bm25_recall@1": 0.5, "rank/bm25_recall@5": 1.0,
+                                      "rank/bm25_auc": pytest.approx(4 / 7),
+                                      "rank/bm25_auc_on_topic": pytest.approx(3 / 5)}
   result = evaluator.evaluate(model.params, model.config, model.tokenizer)
   scores = [rerank.score_passages(model.params, model.config, model.tokenizer, q["question"], q["passages"]).p_true
             for q in questions]
   assert result["rank/auc"] == pytest.approx(_brute_force_auc([(s, q["labels"]) for s, q in zip(scores, questions)]))
+  keep = [q["on_topic"] | ~q["labels"] for q in questions]
+  assert result["rank/auc_on_topic"] == pytest.approx(
+      _brute_force_auc([(s[k], q["on_topic"][k]) for s, q, k in zip(scores, questions, keep)]))
   top1 = [q["labels"][int(np.argmax(s))] for s, q in zip(scores, questions)]
   assert result["rank/recall@1"] == pytest.approx(np.mean(top1))
   assert result["rank/recall@5"] == 1.0 and result["rank/questions"] == 2

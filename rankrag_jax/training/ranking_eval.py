@@ -4,7 +4,10 @@ On a fixed slice of questions the run never trains on, each evaluation scores ev
 passages by P("True") with the current weights (`rerank.score_questions`: all questions in one pass) and reports
 
   rank/auc        pairwise AUC of P("True"): over every (answer passage, other passage) pair of one question, the
-                  share the model orders right (ties count half). 0.5 is chance.
+                  share the model orders right (ties count half). 0.5 is chance. `rank/bm25_auc`: BM25's order's.
+  rank/auc_on_topic  the same over cleaner labels, where the slice has them: positive = an answer passage whose
+                  title is on the question's topic (`blend.title_on_topic`), negative = a passage without an answer
+                  (most answer matches in a small corpus are coincidental); beside `rank/bm25_auc_on_topic`.
   rank/recall@k   answer-Recall@k of the reranked top-`depth`, beside `rank/bm25_recall@k` (BM25's own order).
   qa/em, qa/f1    of greedy answers generated from the reranked top-`k` (App. D prompt), when `generate_answers`;
                   `qa/em_bm25`, `qa/f1_bm25` from BM25's own top-`k` (the same weights, without reranking).
@@ -33,6 +36,17 @@ from rankrag_jax.retrieval import bm25
 from rankrag_jax.retrieval import corpus as corpus_lib
 
 RECALL_KS = (1, 5)
+
+
+def ranking_aucs(scores: list[np.ndarray], questions: list[dict], prefix: str = "rank/") -> dict:
+  """`{prefix}auc` of per-question scores over the answer labels and, for questions with `on_topic` labels,
+  `{prefix}auc_on_topic` (answer passages off the topic left out of the pairs)."""
+  result = {f"{prefix}auc": pooled_auc([(s, q["labels"]) for s, q in zip(scores, questions)])}
+  if all("on_topic" in q for q in questions):
+    keep = [q["on_topic"] | ~q["labels"] for q in questions]
+    result[f"{prefix}auc_on_topic"] = pooled_auc([(s[k], q["on_topic"][k])
+                                                  for s, q, k in zip(scores, questions, keep)])
+  return result
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -80,14 +94,17 @@ def ranking_questions(source: str = "validation", num_questions: int = 24, depth
     path = str(directory / source[len("blend:"):]) if source.startswith("blend:") else source
     rows = list(readers.read_qa_jsonl(path))
   corpus = corpus_lib.read_corpus_jsonl(directory / "corpus.jsonl")
+  title_of = dict(zip(corpus.ids, corpus.titles))
   ids, _ = bm25.search_bm25(bm25.build_bm25_index(corpus), [r["question"] for r in rows], depth)
   chosen = []
   for row, hits in zip(rows, ids):
     passages = corpus.passages_by_id([str(i) for i in hits])
     labels = np.asarray([answers_lib.has_answer(p, row["answers"]) for p in passages])
+    on_topic = labels & np.asarray([blend.title_on_topic(row["question"], {"title": title_of[str(i)]}, row["answers"])
+                                    for i in hits])
     if labels.any() and not labels.all():
       chosen.append({"id": row["id"], "question": row["question"], "answers": row["answers"],
-                     "passages": passages, "labels": labels})
+                     "passages": passages, "labels": labels, "on_topic": on_topic})
     if len(chosen) == num_questions:
       break
   if not chosen:
@@ -107,8 +124,12 @@ class RankingEval:
 
   def __post_init__(self):
     self.questions = self.questions or ranking_questions()
-    self.bm25_recall = {f"rank/bm25_recall@{k}": float(np.mean([q["labels"][:k].any() for q in self.questions]))
-                        for k in RECALL_KS}
+    # BM25's own numbers on the slice, for reference beside the model's.
+    self.bm25_reference = {f"rank/bm25_recall@{k}": float(np.mean([q["labels"][:k].any() for q in self.questions]))
+                           for k in RECALL_KS}
+    # The passages are in BM25's order: a descending score per position.
+    bm25_scores = [-np.arange(len(q["labels"]), dtype=np.float32) for q in self.questions]
+    self.bm25_reference.update(ranking_aucs(bm25_scores, self.questions, prefix="rank/bm25_"))
 
   def evaluate(self, params: dict, config: LlamaConfig, tokenizer) -> dict:
     start = time.perf_counter()
@@ -117,10 +138,10 @@ class RankingEval:
     scores = rerank.score_questions(params, config, tokenizer, [(q["question"], q["passages"])
                                                                 for q in self.questions], chat_format=self.chat_format)
     orders = [np.argsort(-s.p_true, kind="stable") for s in scores]
-    result = {"rank/auc": pooled_auc([(s.p_true, q["labels"]) for s, q in zip(scores, self.questions)]),
+    result = {**ranking_aucs([s.p_true for s in scores], self.questions),
               **{f"rank/recall@{k}": float(np.mean([q["labels"][o[:k]].any() for q, o in zip(self.questions, orders)]))
                  for k in RECALL_KS},
-              **self.bm25_recall, "rank/questions": len(self.questions)}
+              **self.bm25_reference, "rank/questions": len(self.questions)}
     if self.generate_answers:
       # Answers from the reranked top k and, beside them, from BM25's own top k (the same weights): EM with
       # reranking against EM without, in one generate call.
@@ -142,9 +163,11 @@ class RankingEval:
 
   @staticmethod
   def describe(result: dict) -> str:
-    text = (f"ranking AUC {result['rank/auc']:.3f}, " +
-            ", ".join(f"R@{k} {result[f'rank/recall@{k}']:.3f} (BM25 {result[f'rank/bm25_recall@{k}']:.3f})"
-                      for k in RECALL_KS))
+    text = f"ranking AUC {result['rank/auc']:.3f} (BM25 {result['rank/bm25_auc']:.3f}), "
+    if "rank/auc_on_topic" in result:
+      text += f"on-topic {result['rank/auc_on_topic']:.3f} (BM25 {result['rank/bm25_auc_on_topic']:.3f}), "
+    text += ", ".join(f"R@{k} {result[f'rank/recall@{k}']:.3f} (BM25 {result[f'rank/bm25_recall@{k}']:.3f})"
+                      for k in RECALL_KS)
     if "qa/em" in result:
       text += (f", EM {result['qa/em']:.3f} F1 {result['qa/f1']:.3f} "
                f"(without reranking: EM {result['qa/em_bm25']:.3f} F1 {result['qa/f1_bm25']:.3f})")
