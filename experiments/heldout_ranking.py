@@ -160,6 +160,7 @@ def main():
       raise SystemExit(f"--rescore: {directory.name} is not a system of {results_path}")
     records = [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
     results[directory.name].update(score_system(records, total, corpus, "AUC" in results[directory.name]))
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
   for key in args.systems.split(",") if args.systems else []:
     if key == "tuned" and not args.tuned:
       continue

@@ -449,7 +449,7 @@ def test_ranking_eval_slice_labels_answers_and_on_topic_answers(small_blend):
   for q in questions:
     assert list(q["labels"]) == [answers.has_answer(p, q["answers"]) for p in q["passages"]]
     assert 0 < q["labels"].sum() < len(q["labels"])
-    assert list(q["on_topic"]) == [bool(label) and blend.title_on_topic(q["question"], {"title": title_of[text_to_id[p]]},
-                                                                       q["answers"])
-                                   for p, label in zip(q["passages"], q["labels"])]
+    titles = [{"title": title_of[text_to_id[p]]} for p in q["passages"]]
+    assert list(q["on_topic"]) == [bool(label) and blend.title_on_topic(q["question"], title, q["answers"])
+                                   for title, label in zip(titles, q["labels"])]
   assert any(q["on_topic"].any() for q in questions) and any((q["labels"] & ~q["on_topic"]).any() for q in questions)
