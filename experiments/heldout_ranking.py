@@ -139,7 +139,10 @@ def main():
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   if args.curve:
     run_dirs = [pathlib.Path(d) for d in args.curve.split(",")]
-    rows = [int(r) for r in args.rows_per_step.split(",")]
+    try:
+      rows = [int(r) for r in args.rows_per_step.split(",")]
+    except ValueError:
+      raise SystemExit(f"--rows_per_step {args.rows_per_step!r}: expected comma-separated integers") from None
     if len(rows) not in (1, len(run_dirs)):
       raise SystemExit(f"--rows_per_step: {len(rows)} values for {len(run_dirs)} --curve runs")
     curves = learning_curve(run_dirs, common.RESULTS_DIR / args.curve_out, rows * len(run_dirs) if len(rows) == 1
@@ -158,6 +161,8 @@ def main():
   for directory in map(pathlib.Path, args.rescore.split(",") if args.rescore else []):
     if directory.name not in results:
       raise SystemExit(f"--rescore: {directory.name} is not a system of {results_path}")
+    if not (directory / "predictions.jsonl").is_file():
+      raise SystemExit(f"--rescore: {directory / 'predictions.jsonl'} does not exist")
     records = [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
     results[directory.name].update(score_system(records, total, corpus, "AUC" in results[directory.name]))
     results_path.write_text(json.dumps(results, indent=1) + "\n")

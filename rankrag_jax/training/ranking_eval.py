@@ -100,9 +100,9 @@ def ranking_questions(source: str = "validation", num_questions: int = 24, depth
   for row, hits in zip(rows, ids):
     passages = corpus.passages_by_id([str(i) for i in hits])
     labels = np.asarray([answers_lib.has_answer(p, row["answers"]) for p in passages])
-    on_topic = labels & np.asarray([blend.title_on_topic(row["question"], {"title": title_of[str(i)]}, row["answers"])
-                                    for i in hits])
     if labels.any() and not labels.all():
+      on_topic = labels & np.asarray([blend.title_on_topic(row["question"], {"title": title_of[str(i)]},
+                                                           row["answers"]) for i in hits])
       chosen.append({"id": row["id"], "question": row["question"], "answers": row["answers"],
                      "passages": passages, "labels": labels, "on_topic": on_topic})
     if len(chosen) == num_questions:
