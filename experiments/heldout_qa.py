@@ -1,0 +1,134 @@
+"""Issue #34's EM/F1 with and without reranking on the whole held-out split (EfficientQA test, 1,769 questions).
+
+    python experiments/heldout_qa.py --checkpoint runs/rank_i/hf \
+        --ranking runs/heldout/heldout_tuned_runs_rank_i_hf_n20 [--runs_dir runs/heldout_qa_rank_i] [--skip_others]
+
+One model answers every question (greedy, 32 new tokens, the paper's prompt) from five passages:
+  without reranking  BM25's own top 5 (the paper's Table 3 "w/o reranking" ablation);
+  with reranking     the top 5 of BM25's top 20 reordered by the same model's P("True").
+The questions with an answer passage in BM25's top 20 ("rerankable", the only ones whose answer-Recall reranking
+can change) reuse `heldout_ranking.py`'s predictions for that checkpoint (--ranking: the same scores, not computed
+twice); the other questions are scored here (~4 s each on this CPU), resumably: a stopped run keeps its answers,
+and the table says how many questions each row covers. EM/F1 are compared on the questions both systems answered.
+
+Writes experiments/results/heldout_qa.{md,json}.
+"""
+
+import argparse
+import json
+import pathlib
+import time
+
+import common
+
+from rankrag_jax import evaluate
+from rankrag_jax.retrieval import corpus as corpus_lib
+
+N, K = 20, 5
+
+
+def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
+  path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+  return str(path)
+
+
+def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.Corpus) -> list[dict]:
+  """The rerankable questions with their reranked top N as `ctxs` (retriever "given"), from a ranking run."""
+  info = json.loads((ranking_dir / "run.json").read_text())
+  if (info["checkpoint"], info["n"], info["retriever"], info["use_reranker"]) != (checkpoint, N, "bm25", True):
+    raise SystemExit(f"--ranking {ranking_dir}: made by checkpoint={info['checkpoint']!r} n={info['n']} "
+                     f"retriever={info['retriever']!r} reranked={info['use_reranker']}; expected {checkpoint!r}, "
+                     f"{N}, 'bm25', True")
+  row_of = {passage_id: row for row, passage_id in enumerate(corpus.ids)}
+  rows = []
+  for line in (ranking_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+    record = json.loads(line)
+    ctxs = [{"id": c["id"], "title": corpus.titles[row_of[c["id"]]], "text": corpus.texts[row_of[c["id"]]]}
+            for c in record["ranked"]]
+    rows.append({"id": record["id"], "question": record["question"], "answers": record["answers"], "ctxs": ctxs})
+  return rows
+
+
+def summarise(runs_dir: pathlib.Path, rerankable: set[str], names: dict[str, list[str]]) -> dict:
+  """EM/F1 per system over the questions every system answered, split by rerankable or not."""
+  records = {system: {r["id"]: r for part in parts for r in common.read_predictions(str(runs_dir), part)}
+             for system, parts in names.items()}
+  shared = set.intersection(*(set(r) for r in records.values()))
+  out = {}
+  for system, by_id in records.items():
+    entry = {}
+    for label, ids in (("all", shared), ("rerankable", shared & rerankable), ("others", shared - rerankable)):
+      entry[label] = {"questions": len(ids), "EM": common.mean(by_id[i]["metrics"]["EM"] for i in ids),
+                      "F1": common.mean(by_id[i]["metrics"]["F1"] for i in ids)}
+    out[system] = entry
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint", required=True, help="the tuned model (ranker and generator), e.g. an HF dir")
+  parser.add_argument("--ranking", required=True, help="heldout_ranking.py's prediction directory for it")
+  parser.add_argument("--runs_dir", default=None, help="default: runs/heldout_qa_<checkpoint's run name>")
+  parser.add_argument("--skip_others", action="store_true", help="answer only the rerankable questions with "
+                      "reranking (the others' scoring is ~1.7 h here); the table says what was covered")
+  parser.add_argument("--limit", type=int, default=None, help="the first questions of each run only (a smoke test)")
+  parser.add_argument("--no_run", action="store_true", help="only rebuild the table from the predictions so far")
+  args = parser.parse_args()
+  ranking_dir = pathlib.Path(args.ranking)
+  if not (ranking_dir / "predictions.jsonl").is_file():
+    raise SystemExit(f"--ranking: {ranking_dir / 'predictions.jsonl'} does not exist")
+  runs_dir = pathlib.Path(args.runs_dir or f"runs/heldout_qa_{pathlib.Path(args.checkpoint).parent.name}")
+  runs_dir.mkdir(parents=True, exist_ok=True)
+
+  corpus = corpus_lib.read_corpus_jsonl(evaluate.resolve_path(common.CORPUS))
+  reranked = ranked_rows(ranking_dir, args.checkpoint, corpus)
+  rerankable = {r["id"] for r in reranked}
+  heldout = evaluate.read_eval_dataset(evaluate.resolve_path(common.HELDOUT))
+  as_row = lambda r: {"id": r["id"], "question": r["question"], "answers": r["answers"]}
+  others = [as_row(r) for r in heldout if r["id"] not in rerankable]
+  # Rerankable questions first: a run stopped early has answered every question reranking can help.
+  ordered = [as_row(r) for r in heldout if r["id"] in rerankable] + others
+  paths = {name: _write_jsonl(runs_dir / f"{name}.jsonl", rows) for name, rows in
+           (("rerankable_reranked", reranked), ("others", others), ("all_rerankable_first", ordered))}
+
+  shared = dict(corpus=common.CORPUS, checkpoint=args.checkpoint, k=K, chat_format="chatqa", generate_answers=True,
+                recall_ks=(1, 5), show_progress=True)
+  runs = [("without", dict(dataset=paths["all_rerankable_first"], retriever="bm25", n=K, use_reranker=False)),
+          ("with_rerankable", dict(dataset=paths["rerankable_reranked"], retriever="given", n=N, use_reranker=False)),
+          ("with_others", dict(dataset=paths["others"], retriever="bm25", n=N, use_reranker=True))]
+  walls = {}
+  for name, settings in runs:
+    if args.no_run or (name == "with_others" and args.skip_others):
+      continue
+    start = time.time()
+    evaluate.run_evaluation(out_dir=str(runs_dir / name), system_name=name, limit=args.limit, **shared, **settings)
+    walls[name] = time.time() - start
+  table = summarise(runs_dir, rerankable, {"without reranking (BM25 top 5)": ["without"],
+                                           f"with reranking (top 5 of BM25 top {N} by P(True))":
+                                           ["with_rerankable", "with_others"]})
+  without = summarise(runs_dir, rerankable, {"without": ["without"]})["without"]["all"]
+  result = {"checkpoint": args.checkpoint, "ranking": str(ranking_dir), "heldout_questions": len(heldout),
+            "rerankable": len(rerankable), "wall_s_this_call": walls, "systems": table,
+            "without_reranking_every_answered_question": without}
+  common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+  results_path = common.RESULTS_DIR / "heldout_qa.json"
+  everything = json.loads(results_path.read_text()) if results_path.exists() else {}
+  everything[args.checkpoint] = result
+  results_path.write_text(json.dumps(everything, indent=1) + "\n")
+  lines = ["| generator (and ranker) | system | questions | EM | F1 | rerankable: questions, EM, F1 | "
+           "others: questions, EM, F1 |", "|---|---|---|---|---|---|---|"]
+  for checkpoint, r in everything.items():
+    for system, e in r["systems"].items():
+      cells = [f"{e[p]['questions']}, {common.fmt(e[p]['EM'])}, {common.fmt(e[p]['F1'])}"
+               for p in ("rerankable", "others")]
+      lines.append(f"| {checkpoint} | {system} | {e['all']['questions']} of {r['heldout_questions']} | "
+                   f"{common.fmt(e['all']['EM'])} | {common.fmt(e['all']['F1'])} | {cells[0]} | {cells[1]} |")
+    w = r["without_reranking_every_answered_question"]
+    lines.append(f"| {checkpoint} | without reranking, every question it answered | {w['questions']} of "
+                 f"{r['heldout_questions']} | {common.fmt(w['EM'])} | {common.fmt(w['F1'])} | | |")
+  (common.RESULTS_DIR / "heldout_qa.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
