@@ -2,6 +2,7 @@
 
     python experiments/heldout_qa.py --checkpoint runs/rank_i/hf \
         --ranking runs/heldout/heldout_tuned_runs_rank_i_hf_n20 [--runs_dir runs/heldout_qa_rank_i] [--skip_others]
+    python experiments/heldout_qa.py ... --no_run   # the table from the predictions so far (e.g. after a kill)
 
 One model answers every question (greedy, 32 new tokens, the paper's prompt) from five passages:
   without reranking  BM25's own top 5 (the paper's Table 3 "w/o reranking" ablation);
