@@ -35,6 +35,8 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
 
 def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.Corpus) -> list[dict]:
   """The rerankable questions with their reranked top N as `ctxs` (retriever "given"), from a ranking run."""
+  if not (ranking_dir / "run.json").is_file():
+    raise SystemExit(f"--ranking: {ranking_dir / 'run.json'} does not exist (an unfinished ranking run?)")
   info = json.loads((ranking_dir / "run.json").read_text())
   if (info["checkpoint"], info["n"], info["retriever"], info["use_reranker"]) != (checkpoint, N, "bm25", True):
     raise SystemExit(f"--ranking {ranking_dir}: made by checkpoint={info['checkpoint']!r} n={info['n']} "
@@ -42,8 +44,11 @@ def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.C
                      f"{N}, 'bm25', True")
   row_of = {passage_id: row for row, passage_id in enumerate(corpus.ids)}
   rows = []
-  for line in (ranking_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
+  for line_no, line in enumerate((ranking_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
     record = json.loads(line)
+    unknown = [c["id"] for c in record["ranked"] if c["id"] not in row_of]
+    if unknown:
+      raise SystemExit(f"{ranking_dir / 'predictions.jsonl'}:{line_no}: passage ids not in the corpus: {unknown[:3]}")
     ctxs = [{"id": c["id"], "title": corpus.titles[row_of[c["id"]]], "text": corpus.texts[row_of[c["id"]]]}
             for c in record["ranked"]]
     rows.append({"id": record["id"], "question": record["question"], "answers": record["answers"], "ctxs": ctxs})
@@ -111,6 +116,9 @@ def main():
   result = {"checkpoint": args.checkpoint, "ranking": str(ranking_dir), "heldout_questions": len(heldout),
             "rerankable": len(rerankable), "wall_s_this_call": walls, "systems": table,
             "without_reranking_every_answered_question": without}
+  if args.limit is not None:  # a smoke test: its numbers are not results.
+    print(json.dumps(result, indent=1))
+    return
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   results_path = common.RESULTS_DIR / "heldout_qa.json"
   everything = json.loads(results_path.read_text()) if results_path.exists() else {}
