@@ -3,6 +3,7 @@
     python experiments/heldout_qa.py --checkpoint runs/rank_i/hf \
         --ranking runs/heldout/heldout_tuned_runs_rank_i_hf_n20 [--runs_dir runs/heldout_qa_rank_i] [--skip_others]
     python experiments/heldout_qa.py ... --no_run   # the table from the predictions so far (e.g. after a kill)
+    python experiments/heldout_qa.py --checkpoint runs/rank_i/hf --others 328:1464   # a slice of the others only
 
 One model answers every question (greedy, 32 new tokens, the paper's prompt) from five passages:
   without reranking  BM25's own top 5 (the paper's Table 3 "w/o reranking" ablation);
@@ -11,6 +12,9 @@ The questions with an answer passage in BM25's top 20 ("rerankable", the only on
 can change) reuse `heldout_ranking.py`'s predictions for that checkpoint (--ranking: the same scores, not computed
 twice); the other questions are scored here (~4 s each on this CPU), resumably: a stopped run keeps its answers,
 and the table says how many questions each row covers. EM/F1 are compared on the questions both systems answered.
+--others START:END answers only that slice of the other questions (run order), both ways, and needs no ranking run
+(the rerankable set is BM25's, `heldout_ranking.rerankable_subset`): the others' ~1.6 h split across sessions or
+machines, each slice with its own row.
 
 Writes experiments/results/heldout_qa.{md,json}.
 """
@@ -21,6 +25,7 @@ import pathlib
 import time
 
 import common
+import heldout_ranking
 
 from rankrag_jax import evaluate
 from rankrag_jax.retrieval import corpus as corpus_lib
@@ -55,6 +60,14 @@ def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.C
   return rows
 
 
+def _parse_slice(text: str) -> slice:
+  try:
+    start, end = (int(v) for v in text.split(":"))
+  except ValueError:
+    raise SystemExit(f"--others {text!r}: expected START:END, two integers") from None
+  return slice(start, end)
+
+
 def summarise(runs_dir: pathlib.Path, rerankable: set[str], names: dict[str, list[str]]) -> dict:
   """EM/F1 per system over the questions every system answered, split by rerankable or not."""
   records = {system: {r["id"]: r for part in parts for r in common.read_predictions(str(runs_dir), part)}
@@ -73,27 +86,42 @@ def summarise(runs_dir: pathlib.Path, rerankable: set[str], names: dict[str, lis
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", required=True, help="the tuned model (ranker and generator), e.g. an HF dir")
-  parser.add_argument("--ranking", required=True, help="heldout_ranking.py's prediction directory for it")
-  parser.add_argument("--runs_dir", default=None, help="default: runs/heldout_qa_<checkpoint's run name>")
+  parser.add_argument("--ranking", default=None, help="heldout_ranking.py's prediction directory for it")
+  parser.add_argument("--runs_dir", default=None, help="default: runs/heldout_qa_<checkpoint's run name>"
+                      "[_others<START>_<END>]")
   parser.add_argument("--skip_others", action="store_true", help="answer only the rerankable questions with "
                       "reranking (the others' scoring is ~1.7 h here); the table says what was covered")
+  parser.add_argument("--others", default=None, metavar="START:END", help="only this slice of the other "
+                      "questions (run order), both ways; no --ranking needed")
   parser.add_argument("--limit", type=int, default=None, help="the first questions of each run only (a smoke test)")
   parser.add_argument("--no_run", action="store_true", help="only rebuild the table from the predictions so far")
   args = parser.parse_args()
-  ranking_dir = pathlib.Path(args.ranking)
-  if not (ranking_dir / "predictions.jsonl").is_file():
-    raise SystemExit(f"--ranking: {ranking_dir / 'predictions.jsonl'} does not exist")
-  runs_dir = pathlib.Path(args.runs_dir or f"runs/heldout_qa_{pathlib.Path(args.checkpoint).parent.name}")
+  others_slice = _parse_slice(args.others) if args.others is not None else None
+  if args.ranking is None and others_slice is None:
+    raise SystemExit("--ranking is required (heldout_ranking.py's prediction directory), unless --others START:END")
+  slice_tag = f"_others{others_slice.start}_{others_slice.stop}" if others_slice else ""
+  runs_dir = pathlib.Path(args.runs_dir or f"runs/heldout_qa_{pathlib.Path(args.checkpoint).parent.name}{slice_tag}")
   runs_dir.mkdir(parents=True, exist_ok=True)
 
   corpus = corpus_lib.read_corpus_jsonl(evaluate.resolve_path(common.CORPUS))
-  reranked = ranked_rows(ranking_dir, args.checkpoint, corpus)
-  rerankable = {r["id"] for r in reranked}
+  if others_slice is None:
+    ranking_dir = pathlib.Path(args.ranking)
+    if not (ranking_dir / "predictions.jsonl").is_file():
+      raise SystemExit(f"--ranking: {ranking_dir / 'predictions.jsonl'} does not exist")
+    reranked = ranked_rows(ranking_dir, args.checkpoint, corpus)
+    rerankable = {r["id"] for r in reranked}
+  else:  # the rerankable set only, to leave it out: BM25's top N and the answers decide it, not the model
+    subset = runs_dir / f"heldout_rerankable_n{N}.jsonl"
+    heldout_ranking.rerankable_subset(N, subset)
+    reranked, rerankable = [], {json.loads(line)["id"] for line in subset.read_text().splitlines()}
   heldout = evaluate.read_eval_dataset(evaluate.resolve_path(common.HELDOUT))
   as_row = lambda r: {"id": r["id"], "question": r["question"], "answers": r["answers"]}
   others = [as_row(r) for r in heldout if r["id"] not in rerankable]
+  if others_slice is not None:
+    others = others[others_slice]
   # Rerankable questions first: a run stopped early has answered every question reranking can help.
-  ordered = [as_row(r) for r in heldout if r["id"] in rerankable] + others
+  # (With --others, the slice alone.)
+  ordered = ([as_row(r) for r in heldout if r["id"] in rerankable] if reranked else []) + others
   paths = {name: _write_jsonl(runs_dir / f"{name}.jsonl", rows) for name, rows in
            (("rerankable_reranked", reranked), ("others", others), ("all_rerankable_first", ordered))}
 
@@ -102,9 +130,11 @@ def main():
   runs = [("without", dict(dataset=paths["all_rerankable_first"], retriever="bm25", n=K, use_reranker=False)),
           ("with_rerankable", dict(dataset=paths["rerankable_reranked"], retriever="given", n=N, use_reranker=False)),
           ("with_others", dict(dataset=paths["others"], retriever="bm25", n=N, use_reranker=True))]
+  if others_slice is not None:  # the slow half first: a slice stopped early has every question with reranking
+    runs = runs[::-1]
   walls = {}
   for name, settings in runs:
-    if args.no_run or (name == "with_others" and args.skip_others):
+    if args.no_run or (name == "with_others" and args.skip_others) or (name == "with_rerankable" and not reranked):
       continue
     start = time.time()
     evaluate.run_evaluation(out_dir=str(runs_dir / name), system_name=name, limit=args.limit, **shared, **settings)
@@ -112,17 +142,19 @@ def main():
   table = summarise(runs_dir, rerankable, {"without reranking (BM25 top 5)": ["without"],
                                            f"with reranking (top 5 of BM25 top {N} by P(True))":
                                            ["with_rerankable", "with_others"]})
-  without = summarise(runs_dir, rerankable, {"without": ["without"]})["without"]["all"]
-  result = {"checkpoint": args.checkpoint, "ranking": str(ranking_dir), "heldout_questions": len(heldout),
+  every = summarise(runs_dir, rerankable, {"without": ["without"], "with": ["with_rerankable", "with_others"]})
+  result = {"checkpoint": args.checkpoint, "ranking": args.ranking, "others": args.others,
+            "heldout_questions": len(heldout),
             "rerankable": len(rerankable), "wall_s_this_call": walls, "systems": table,
-            "without_reranking_every_answered_question": without}
+            "without_reranking_every_answered_question": every["without"]["all"],
+            "with_reranking_every_answered_question": every["with"]["all"]}
   if args.limit is not None:  # a smoke test: its numbers are not results.
     print(json.dumps(result, indent=1))
     return
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   results_path = common.RESULTS_DIR / "heldout_qa.json"
   everything = json.loads(results_path.read_text()) if results_path.exists() else {}
-  everything[args.checkpoint] = result
+  everything[args.checkpoint + (f" others[{args.others}]" if args.others else "")] = result
   results_path.write_text(json.dumps(everything, indent=1) + "\n")
   lines = ["| generator (and ranker) | system | questions | EM | F1 | rerankable: questions, EM, F1 | "
            "others: questions, EM, F1 |", "|---|---|---|---|---|---|---|"]
@@ -132,9 +164,11 @@ def main():
                for p in ("rerankable", "others")]
       lines.append(f"| {checkpoint} | {system} | {e['all']['questions']} of {r['heldout_questions']} | "
                    f"{common.fmt(e['all']['EM'])} | {common.fmt(e['all']['F1'])} | {cells[0]} | {cells[1]} |")
-    w = r["without_reranking_every_answered_question"]
-    lines.append(f"| {checkpoint} | without reranking, every question it answered | {w['questions']} of "
-                 f"{r['heldout_questions']} | {common.fmt(w['EM'])} | {common.fmt(w['F1'])} | | |")
+    for system in ("without", "with"):
+      w = r.get(f"{system}_reranking_every_answered_question")
+      if w:  # (results of session 24 have only the first)
+        lines.append(f"| {checkpoint} | {system} reranking, every question it answered | {w['questions']} of "
+                     f"{r['heldout_questions']} | {common.fmt(w['EM'])} | {common.fmt(w['F1'])} | | |")
   (common.RESULTS_DIR / "heldout_qa.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
