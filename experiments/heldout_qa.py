@@ -27,6 +27,7 @@ import time
 import common
 import heldout_ranking
 
+from rankrag_jax import eval_outputs
 from rankrag_jax import evaluate
 from rankrag_jax.retrieval import corpus as corpus_lib
 
@@ -137,7 +138,10 @@ def main():
     if args.no_run or (name == "with_others" and args.skip_others) or (name == "with_rerankable" and not reranked):
       continue
     start = time.time()
-    evaluate.run_evaluation(out_dir=str(runs_dir / name), system_name=name, limit=args.limit, **shared, **settings)
+    try:
+      evaluate.run_evaluation(out_dir=str(runs_dir / name), system_name=name, limit=args.limit, **shared, **settings)
+    except eval_outputs.EvalError as e:  # e.g. a runs_dir made by another slice: one line, no traceback
+      raise SystemExit(str(e)) from None
     walls[name] = time.time() - start
   table = summarise(runs_dir, rerankable, {"without reranking (BM25 top 5)": ["without"],
                                            f"with reranking (top 5 of BM25 top {N} by P(True))":
