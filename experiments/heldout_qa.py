@@ -66,6 +66,8 @@ def _parse_slice(text: str) -> slice:
     start, end = (int(v) for v in text.split(":"))
   except ValueError:
     raise SystemExit(f"--others {text!r}: expected START:END, two integers") from None
+  if not 0 <= start < end:
+    raise SystemExit(f"--others {text!r}: expected 0 <= START < END")
   return slice(start, end)
 
 
