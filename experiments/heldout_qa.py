@@ -14,7 +14,9 @@ twice); the other questions are scored here (~4 s each on this CPU), resumably: 
 and the table says how many questions each row covers. EM/F1 are compared on the questions both systems answered.
 --others START:END answers only that slice of the other questions (run order), both ways, and needs no ranking run
 (the rerankable set is BM25's, `heldout_ranking.rerankable_subset`): the others' ~1.6 h split across sessions or
-machines, each slice with its own row.
+machines, each slice with its own row. Once a checkpoint's rows cover the others from the first one on with no gap,
+a '<checkpoint> together' row sums them (question-weighted, from the unrounded means): the whole split when they
+reach the last.
 
 Writes experiments/results/heldout_qa.{md,json}.
 """
@@ -84,6 +86,41 @@ def summarise(runs_dir: pathlib.Path, rerankable: set[str], names: dict[str, lis
                       "F1": common.mean(by_id[i]["metrics"]["F1"] for i in ids)}
     out[system] = entry
   return out
+
+
+def others_range(result: dict) -> tuple[int, int]:
+  """Which of the others (run order) a results row answered both ways: its --others slice, else the first ones."""
+  if result.get("others"):
+    start, end = (int(v) for v in result["others"].split(":"))
+    return start, start + next(iter(result["systems"].values()))["others"]["questions"]
+  return 0, next(iter(result["systems"].values()))["others"]["questions"]
+
+
+def combine_rows(everything: dict) -> dict:
+  """Per checkpoint, its rows summed question-weighted (exact: the JSON keeps unrounded means), where their
+  slices of the others follow each other with no gap or overlap; one row per checkpoint, keyed '<ckpt> together'."""
+  combined = {}
+  by_checkpoint = {}
+  for key, result in everything.items():
+    if "combined_from" not in result:
+      by_checkpoint.setdefault(result["checkpoint"], []).append((others_range(result), key, result))
+  for checkpoint, parts in by_checkpoint.items():
+    parts.sort(key=lambda part: part[0])
+    contiguous = all(a[0][1] == b[0][0] for a, b in zip(parts, parts[1:])) and parts[0][0][0] == 0
+    if len(parts) < 2 or not contiguous or len({tuple(r["systems"]) for _, _, r in parts}) != 1:
+      continue
+    systems = {}
+    for system in parts[0][2]["systems"]:
+      systems[system] = {}
+      for label in ("all", "rerankable", "others"):
+        counted = [r["systems"][system][label] for _, _, r in parts if r["systems"][system][label]["questions"]]
+        n = sum(c["questions"] for c in counted)
+        systems[system][label] = {"questions": n, **{m: sum(c[m] * c["questions"] for c in counted) / n if n else None
+                                                      for m in ("EM", "F1")}}
+    combined[f"{checkpoint} together"] = {
+        "checkpoint": checkpoint, "combined_from": [key for _, key, _ in parts],
+        "heldout_questions": parts[0][2]["heldout_questions"], "systems": systems}
+  return combined
 
 
 def main():
@@ -160,7 +197,9 @@ def main():
   common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
   results_path = common.RESULTS_DIR / "heldout_qa.json"
   everything = json.loads(results_path.read_text()) if results_path.exists() else {}
+  everything = {k: r for k, r in everything.items() if "combined_from" not in r}
   everything[args.checkpoint + (f" others[{args.others}]" if args.others else "")] = result
+  everything.update(combine_rows(everything))
   results_path.write_text(json.dumps(everything, indent=1) + "\n")
   lines = ["| generator (and ranker) | system | questions | EM | F1 | rerankable: questions, EM, F1 | "
            "others: questions, EM, F1 |", "|---|---|---|---|---|---|---|"]
