@@ -125,9 +125,11 @@ def parse_eval_row(obj: dict, task: str) -> dict:
 
 
 def resolve_path(path: str | None) -> str | None:
-  """`blend:{name}` -> the default blend's file (`$RANKRAG_JAX_CACHE/default_blend/{name}`); others unchanged."""
+  """`blend:{name}` -> the default blend's file (`$RANKRAG_JAX_CACHE/default_blend/{name}`), built on first use
+  (~1 min) as training builds it; others unchanged."""
   if path and path.startswith("blend:"):
-    return str(assets.cache_root() / "default_blend" / path[len("blend:"):])
+    from rankrag_jax.data import blend  # local: the builder pulls in the data sources, BM25 and wikipedia readers
+    return str(blend.ensure_default_blend(assets.cache_root() / "default_blend") / path[len("blend:"):])
   return path
 
 

@@ -262,6 +262,25 @@ def test_build_command_builds_the_default_blend_from_real_data(tmp_path):
   assert "BM25 answer-Recall" in result.stdout
 
 
+def test_blend_paths_build_the_default_blend_on_first_use(tmp_path, monkeypatch):
+  """`blend:heldout.jsonl` (evaluate, experiments/) on an empty cache builds the blend as training does, once,
+  instead of a FileNotFoundError from a reader; other paths pass through."""
+  from rankrag_jax import assets, evaluate
+  calls = []
+
+  def fake_build(directory):
+    calls.append(directory)
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text("{}")
+
+  monkeypatch.setattr(blend, "build_default_blend", fake_build)
+  monkeypatch.setenv(assets.CACHE_ENV_VAR, str(tmp_path))
+  assert evaluate.resolve_path("blend:heldout.jsonl") == str(tmp_path / "default_blend" / "heldout.jsonl")
+  assert evaluate.resolve_path("blend:corpus.jsonl") == str(tmp_path / "default_blend" / "corpus.jsonl")
+  assert calls == [tmp_path / "default_blend"]
+  assert evaluate.resolve_path("data/x.jsonl") == "data/x.jsonl" and evaluate.resolve_path(None) is None
+
+
 def test_concurrent_ensure_blend_builds_the_default_blend_once(tmp_path, monkeypatch):
   """Parallel test workers (or local processes of one run) that need the default blend: one builds, the others
   wait for its manifest instead of writing the same files at the same time."""

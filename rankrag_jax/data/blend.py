@@ -344,3 +344,16 @@ def build_blend(out_dir, builder=None) -> dict:
   manifest. None -> `build_default_blend`, the embedded default blend. Here, not in build.py: a Gin file that
   imports build.py would define its absl flags a second time under `python -m rankrag_jax.data.build`."""
   return (builder or build_default_blend)(out_dir)
+
+
+def ensure_default_blend(directory: pathlib.Path) -> pathlib.Path:
+  """Builds the embedded default blend into `directory` unless it is already there; returns `directory`."""
+  if (directory / "manifest.json").is_file():  # written last: the blend is complete
+    return directory
+  # One builder at a time (local processes of one run, parallel test workers); the others wait, then reuse it.
+  with assets.exclusive_lock(directory.parent / f".{directory.name}.lock"):
+    if not (directory / "manifest.json").is_file():
+      logging.info("building the default blend into %s (one-off)", directory)
+      print(f"Building the embedded default blend into {directory} (one-off, about a minute) ...", flush=True)
+      build_default_blend(directory)
+  return directory

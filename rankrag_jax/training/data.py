@@ -11,12 +11,10 @@ Each host asks for its own shard (`shard_id = jax.process_index()`) with the per
 import pathlib
 from collections.abc import Iterator
 
-from absl import logging
 import gin
 import jax
 import numpy as np
 
-from rankrag_jax import assets
 from rankrag_jax.training import step as step_lib
 
 
@@ -24,16 +22,7 @@ def ensure_blend() -> pathlib.Path:
   """Builds the embedded default blend into the Gin-bound blend directory unless it is already there."""
   from rankrag_jax.data import blend, tasks  # local: pulls in tensorflow/seqio, not needed by synthetic runs
   bound = gin.get_bindings(tasks.register_blend_tasks).get("data_dir")
-  directory = pathlib.Path(bound or tasks.default_blend_dir())
-  if (directory / "manifest.json").is_file():  # written last: the blend is complete
-    return directory
-  # One builder at a time (local processes of one run, parallel test workers); the others wait, then reuse it.
-  with assets.exclusive_lock(directory.parent / f".{directory.name}.lock"):
-    if not (directory / "manifest.json").is_file():
-      logging.info("building the default blend into %s (one-off)", directory)
-      print(f"Building the embedded default blend into {directory} (one-off, about a minute) ...", flush=True)
-      blend.build_default_blend(directory)
-  return directory
+  return blend.ensure_default_blend(pathlib.Path(bound or tasks.default_blend_dir()))
 
 
 @gin.configurable
