@@ -6,7 +6,8 @@
 
 Reranking reorders each question's BM25 top-N, so a question with no answer-bearing passage in its top N has
 answer-Recall@k 0 under every reranker. Only the others ("rerankable") are scored by the model; Recall@k is then
-counted over all held-out questions (hits / 1,769): exact, at a fraction of the cost (~17% of questions at N=20).
+counted over all held-out questions (hits / 1,769): exact, at a fraction of the cost (~17% of questions at N=20,
+~27% at N=100; then also Recall@N, the pool's own). A killed run resumes from its predictions.jsonl.
 Dense retrieval (all-MiniLM-L6-v2) runs on every held-out question: its own top N, no reranking.
 AUC is P("True")'s pairwise AUC over each rerankable question's own (answer passage, other passage) pairs, beside
 BM25's own score's AUC on the same pairs; "on-topic AUC" counts as positive only answer passages whose title is on
@@ -35,6 +36,11 @@ from rankrag_jax.training.ranking_eval import ranking_aucs
 KS = (1, 5, 20)
 
 
+def recall_ks(n: int) -> tuple[int, ...]:
+  """Recall@1/5/20, and @n (the candidate pool's own recall, which no reranking changes) when n is deeper."""
+  return tuple(k for k in KS if k <= n) + ((n,) if n not in KS else ())
+
+
 def rerankable_subset(n: int, out_path: pathlib.Path) -> tuple[int, int, dict]:
   """Writes the held-out questions with an answer passage in their BM25 top n; returns (all, kept, {"text": id ->
   passage text, "title": id -> title})."""
@@ -52,9 +58,9 @@ def rerankable_subset(n: int, out_path: pathlib.Path) -> tuple[int, int, dict]:
 def system_settings(key: str, tuned: str | None, n: int) -> tuple[str, dict]:
   shared = dict(retriever="bm25", n=n, generate_answers=False)
   if key == "bm25":
-    return "BM25", dict(use_reranker=False, **shared)
+    return f"BM25 (its top {n})", dict(use_reranker=False, **shared)
   if key == "dense":  # its own top n: run on every held-out question, not BM25's rerankable subset
-    return "dense (all-MiniLM-L6-v2, faiss)", dict(shared, retriever="dense", use_reranker=False)
+    return f"dense (all-MiniLM-L6-v2, faiss; its top {n})", dict(shared, retriever="dense", use_reranker=False)
   checkpoint, chat_format, label = {
       "zs": (common.ZERO_SHOT, "chatqa", "SmolLM2-135M-Instruct zero-shot (ChatQA text)"),
       "zsct": (common.ZERO_SHOT, "chat_template", "SmolLM2-135M-Instruct zero-shot (its ChatML template)"),
@@ -74,12 +80,12 @@ def _labelled(records: list[dict], corpus: dict) -> list[dict]:
   return out
 
 
-def score_system(records: list[dict], total: int, corpus: dict, reranked: bool) -> dict:
-  """Answer-Recall@k over all `total` questions; for a reranker also its AUCs beside BM25's own on the same
+def score_system(records: list[dict], total: int, corpus: dict, reranked: bool, ks=KS) -> dict:
+  """Answer-Recall@k (k in `ks`) over all `total` questions; for a reranker also its AUCs beside BM25's own on the same
   candidates (BM25's score is each candidate's retrieval_score)."""
   hits = {k: sum(any(has_answer(corpus["text"][c["id"]], r["answers"]) for c in r["ranked"][:k]) for r in records)
-          for k in KS}
-  result = {f"R@{k}": 100 * hits[k] / total for k in KS}
+          for k in ks}
+  result = {f"R@{k}": 100 * hits[k] / total for k in ks}
   if reranked:
     labelled = _labelled(records, corpus)
     for prefix, key in (("", "p_true"), ("bm25_", "retrieval_score")):
@@ -164,7 +170,8 @@ def main():
     if not (directory / "predictions.jsonl").is_file():
       raise SystemExit(f"--rescore: {directory / 'predictions.jsonl'} does not exist")
     records = [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
-    results[directory.name].update(score_system(records, total, corpus, "AUC" in results[directory.name]))
+    results[directory.name].update(score_system(records, total, corpus, "AUC" in results[directory.name],
+                                                recall_ks(results[directory.name].get("n", 20))))
     results_path.write_text(json.dumps(results, indent=1) + "\n")
   for key in args.systems.split(",") if args.systems else []:
     if key == "tuned" and not args.tuned:
@@ -176,22 +183,28 @@ def main():
     name = f"heldout_{key}{tag}_n{args.n}"
     dataset = evaluate.resolve_path(common.HELDOUT) if settings["retriever"] == "dense" else str(subset)
     evaluate.run_evaluation(dataset=dataset, corpus=common.CORPUS, out_dir=str(runs_dir / name), system_name=name,
-                            recall_ks=KS, show_progress=True, **settings)
+                            recall_ks=recall_ks(args.n), show_progress=True, **settings)
     records = [json.loads(line) for line in (runs_dir / name / "predictions.jsonl").read_text().splitlines()]
     scored = len(records) if settings["retriever"] == "dense" else kept
+    # wall_s is this invocation's; rerank_s sums every scored question's share of its batch, so a run resumed
+    # across sessions still reports its whole scoring time.
     results[name] = {"system": label, "questions": total, "scored": scored, "n": args.n, "wall_s": time.time() - start,
-                     **score_system(records, total, corpus, settings["use_reranker"])}
+                     "rerank_s": sum(r.get("rerank_s", 0.0) for r in records),
+                     **score_system(records, total, corpus, settings["use_reranker"], recall_ks(args.n))}
     print(json.dumps(results[name]))
     results_path.write_text(json.dumps(results, indent=1) + "\n")
-  lines = ["| system | questions (scored) | R@1 | R@5 | R@20 | AUC (BM25's) | on-topic AUC (BM25's) | wall (s) |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = ["| system | N | questions (scored) | R@1 | R@5 | R@20 | R@N | AUC (BM25's) | on-topic AUC (BM25's) | "
+           "wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
 
   def pair(r, key):
     return f"{r[key]:.1f} ({r['bm25_' + key]:.1f})" if key in r and "bm25_" + key in r else r.get(key, "-")
 
   for r in results.values():
-    lines.append(f"| {r['system']} | {r['questions']} ({r['scored']}) | {r['R@1']:.1f} | {r['R@5']:.1f} | "
-                 f"{r['R@20']:.1f} | {pair(r, 'AUC')} | {pair(r, 'AUC_on_topic')} | {r['wall_s']:.0f} |")
+    n = r.get("n", 20)
+    wall = f"{r['wall_s']:.0f}" + (f" (scoring {r['rerank_s']:.0f})" if r.get("rerank_s") else "")
+    lines.append(f"| {r['system']} | {n} | {r['questions']} ({r['scored']}) | {r['R@1']:.1f} | {r['R@5']:.1f} | "
+                 f"{r['R@20']:.1f} | {r[f'R@{n}']:.1f} | {pair(r, 'AUC')} | {pair(r, 'AUC_on_topic')} | "
+                 f"{wall} |")
   (common.RESULTS_DIR / "heldout_ranking.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
