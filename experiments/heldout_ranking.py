@@ -55,7 +55,30 @@ def rerankable_subset(n: int, out_path: pathlib.Path) -> tuple[int, int, dict]:
   return len(rows), len(kept), {"text": text_of, "title": dict(zip(corpus.ids, corpus.titles))}
 
 
-def system_settings(key: str, tuned: str | None, n: int) -> tuple[str, dict]:
+def dense_rerankable_subset(runs_dir: pathlib.Path, n: int, corpus: dict, out_path: pathlib.Path) -> int:
+  """Writes the held-out questions with an answer passage in the dense retriever's top n, each with those n passages
+  (dense order) as its `ctxs`, for rerankers to read with retriever="given"; returns how many. Reads the dense run
+  (`--systems dense --n M`, M >= n): a deeper run's top n is its prefix (the same index scans the same lists)."""
+  runs = sorted((int(d.name.rsplit("_n", 1)[1]), d) for d in runs_dir.glob("heldout_dense_n*")
+                if int(d.name.rsplit("_n", 1)[1]) >= n and (d / "predictions.jsonl").is_file())
+  if not runs:
+    raise SystemExit(f"--rerank_from dense: no dense run of depth >= {n} in {runs_dir}; run "
+                     f"`--systems dense --n {n} --runs_dir {runs_dir}` first")
+  kept = 0
+  with open(out_path, "w", encoding="utf-8") as f:
+    for line in (runs[0][1] / "predictions.jsonl").read_text().splitlines():
+      r = json.loads(line)
+      top = [c["id"] for c in r["ranked"][:n]]
+      if any(has_answer(corpus["text"][i], r["answers"]) for i in top):
+        # The passage exactly as the corpus shows it to models (title line included), so P(True) is the same
+        # as from dense retrieval itself.
+        ctxs = [{"id": i, "title": "", "text": corpus["text"][i]} for i in top]
+        f.write(json.dumps({"id": r["id"], "question": r["question"], "answers": r["answers"], "ctxs": ctxs}) + "\n")
+        kept += 1
+  return kept
+
+
+def system_settings(key: str, tuned: str | None, n: int, rerank_from: str = "bm25") -> tuple[str, dict]:
   shared = dict(retriever="bm25", n=n, generate_answers=False)
   if key == "bm25":
     return f"BM25 (its top {n})", dict(use_reranker=False, **shared)
@@ -65,8 +88,9 @@ def system_settings(key: str, tuned: str | None, n: int) -> tuple[str, dict]:
       "zs": (common.ZERO_SHOT, "chatqa", "SmolLM2-135M-Instruct zero-shot (ChatQA text)"),
       "zsct": (common.ZERO_SHOT, "chat_template", "SmolLM2-135M-Instruct zero-shot (its ChatML template)"),
       "tuned": (tuned, "chatqa", f"SmolLM2-135M + our Stage II ({tuned})")}[key]
-  return f"BM25 top-{n} -> {label} P(True)", dict(use_reranker=True, checkpoint=checkpoint, chat_format=chat_format,
-                                                   **shared)
+  pool = {"bm25": ("BM25", "bm25"), "dense": ("dense", "given")}[rerank_from]
+  return f"{pool[0]} top-{n} -> {label} P(True)", dict(shared, retriever=pool[1], use_reranker=True,
+                                                       checkpoint=checkpoint, chat_format=chat_format)
 
 
 def _labelled(records: list[dict], corpus: dict) -> list[dict]:
@@ -133,6 +157,8 @@ def main():
   parser.add_argument("--tuned", default=None, help="the tuned checkpoint (an HF dir, e.g. runs/rank_a/hf)")
   parser.add_argument("--systems", default="bm25,zs,zsct,tuned")
   parser.add_argument("--n", type=int, default=20)
+  parser.add_argument("--rerank_from", choices=("bm25", "dense"), default="bm25", help="whose top n the rerankers "
+                      "reorder; dense reads a dense run of this --runs_dir (`--systems dense`, same or deeper --n)")
   parser.add_argument("--rescore", default=None, help="prediction directories (comma-separated) of systems already "
                       "in results/heldout_ranking.json: recompute their metrics from predictions.jsonl, no model run")
   parser.add_argument("--runs_dir", default=common.DEFAULT_RUNS_DIR)
@@ -161,7 +187,10 @@ def main():
   runs_dir.mkdir(parents=True, exist_ok=True)
   subset = runs_dir / f"heldout_rerankable_n{args.n}.jsonl"
   total, kept, corpus = rerankable_subset(args.n, subset)
-  print(f"{kept} of {total} held-out questions have an answer passage in their BM25 top {args.n}")
+  if args.rerank_from == "dense":
+    subset = runs_dir / f"heldout_dense_rerankable_n{args.n}.jsonl"
+    kept = dense_rerankable_subset(runs_dir, args.n, corpus, subset)
+  print(f"{kept} of {total} held-out questions have an answer passage in their {args.rerank_from} top {args.n}")
   results_path = common.RESULTS_DIR / "heldout_ranking.json"
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
   for directory in map(pathlib.Path, args.rescore.split(",") if args.rescore else []):
@@ -176,11 +205,12 @@ def main():
   for key in args.systems.split(",") if args.systems else []:
     if key == "tuned" and not args.tuned:
       continue
-    label, settings = system_settings(key, args.tuned, args.n)
+    label, settings = system_settings(key, args.tuned, args.n, args.rerank_from)
     start = time.time()
     # One row per tuned checkpoint: its path is in the name, so evaluating another one adds a row.
     tag = "_" + re.sub(r"\W+", "_", args.tuned).strip("_") if key == "tuned" else ""
-    name = f"heldout_{key}{tag}_n{args.n}"
+    pool = "_from_dense" if settings["use_reranker"] and args.rerank_from == "dense" else ""
+    name = f"heldout_{key}{tag}{pool}_n{args.n}"
     dataset = evaluate.resolve_path(common.HELDOUT) if settings["retriever"] == "dense" else str(subset)
     evaluate.run_evaluation(dataset=dataset, corpus=common.CORPUS, out_dir=str(runs_dir / name), system_name=name,
                             recall_ks=recall_ks(args.n), show_progress=True, **settings)
@@ -188,12 +218,14 @@ def main():
     scored = len(records) if settings["retriever"] == "dense" else kept
     # wall_s is this invocation's; rerank_s sums every scored question's share of its batch, so a run resumed
     # across sessions still reports its whole scoring time.
+    scoring = {"rerank_s": sum(r["rerank_s"] for r in records)} if settings["use_reranker"] else {}
+    # Re-read: a reranking run takes hours, and other runs may have added rows meanwhile.
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
     results[name] = {"system": label, "questions": total, "scored": scored, "n": args.n, "wall_s": time.time() - start,
-                     "rerank_s": sum(r.get("rerank_s", 0.0) for r in records),
-                     **score_system(records, total, corpus, settings["use_reranker"], recall_ks(args.n))}
+                     **scoring, **score_system(records, total, corpus, settings["use_reranker"], recall_ks(args.n))}
     print(json.dumps(results[name]))
     results_path.write_text(json.dumps(results, indent=1) + "\n")
-  lines = ["| system | N | questions (scored) | R@1 | R@5 | R@20 | R@N | AUC (BM25's) | on-topic AUC (BM25's) | "
+  lines = ["| system | N | questions (scored) | R@1 | R@5 | R@20 | R@N | AUC (retriever's) | on-topic AUC (retr.'s) | "
            "wall (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
 
   def pair(r, key):
