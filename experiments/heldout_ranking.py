@@ -1,6 +1,7 @@
 """Issue #34's ranking table on the whole held-out split (EfficientQA test, 1,769 questions), and a run's curves.
 
     python experiments/heldout_ranking.py --tuned runs/rank_a/hf [--systems bm25,dense,zs,zsct,tuned] [--n 20]
+    python experiments/heldout_ranking.py --tuned runs/rank_i/hf --systems tuned --rerank_from dense  # dense top N
     python experiments/heldout_ranking.py --curve runs/rank_b,runs/rank_f   # learning curves only (one figure)
     python experiments/heldout_ranking.py --systems "" --rescore /tmp/ev/runs/heldout_zs_n20  # re-score, no model
 
@@ -105,8 +106,8 @@ def _labelled(records: list[dict], corpus: dict) -> list[dict]:
 
 
 def score_system(records: list[dict], total: int, corpus: dict, reranked: bool, ks=KS) -> dict:
-  """Answer-Recall@k (k in `ks`) over all `total` questions; for a reranker also its AUCs beside BM25's own on the same
-  candidates (BM25's score is each candidate's retrieval_score)."""
+  """Answer-Recall@k (k in `ks`) over all `total` questions; for a reranker also its AUCs beside the retriever's own
+  on the same candidates (each candidate's retrieval_score: BM25's score, or minus its rank in given passages)."""
   hits = {k: sum(any(has_answer(corpus["text"][c["id"]], r["answers"]) for c in r["ranked"][:k]) for r in records)
           for k in ks}
   result = {f"R@{k}": 100 * hits[k] / total for k in ks}
