@@ -5,8 +5,8 @@
     python experiments/heldout_ranking.py --curve runs/rank_b,runs/rank_f   # learning curves only (one figure)
     python experiments/heldout_ranking.py --systems "" --rescore /tmp/ev/runs/heldout_zs_n20  # re-score, no model
 
-Reranking reorders each question's BM25 top-N, so a question with no answer-bearing passage in its top N has
-answer-Recall@k 0 under every reranker. Only the others ("rerankable") are scored by the model; Recall@k is then
+Reranking reorders each question's BM25 top-N (or, with --rerank_from dense, a dense run's), so a question with no
+answer-bearing passage in its top N has answer-Recall@k 0 under every reranker. Only the others ("rerankable") are scored by the model; Recall@k is then
 counted over all held-out questions (hits / 1,769): exact, at a fraction of the cost (~17% of questions at N=20,
 ~27% at N=100; then also Recall@N, the pool's own). A killed run resumes from its predictions.jsonl.
 Dense retrieval (all-MiniLM-L6-v2) runs on every held-out question: its own top N, no reranking.
@@ -60,16 +60,23 @@ def dense_rerankable_subset(runs_dir: pathlib.Path, n: int, corpus: dict, out_pa
   """Writes the held-out questions with an answer passage in the dense retriever's top n, each with those n passages
   (dense order) as its `ctxs`, for rerankers to read with retriever="given"; returns how many. Reads the dense run
   (`--systems dense --n M`, M >= n): a deeper run's top n is its prefix (the same index scans the same lists)."""
-  runs = sorted((int(d.name.rsplit("_n", 1)[1]), d) for d in runs_dir.glob("heldout_dense_n*")
-                if int(d.name.rsplit("_n", 1)[1]) >= n and (d / "predictions.jsonl").is_file())
+  depths = {d: int(m.group(1)) for d in runs_dir.iterdir() if (m := re.fullmatch(r"heldout_dense_n(\d+)", d.name))}
+  runs = sorted((depth, d) for d, depth in depths.items() if depth >= n and (d / "predictions.jsonl").is_file())
   if not runs:
     raise SystemExit(f"--rerank_from dense: no dense run of depth >= {n} in {runs_dir}; run "
                      f"`--systems dense --n {n} --runs_dir {runs_dir}` first")
+  predictions = runs[0][1] / "predictions.jsonl"
   kept = 0
   with open(out_path, "w", encoding="utf-8") as f:
-    for line in (runs[0][1] / "predictions.jsonl").read_text().splitlines():
-      r = json.loads(line)
-      top = [c["id"] for c in r["ranked"][:n]]
+    for line_number, line in enumerate(predictions.read_text().splitlines(), 1):
+      try:
+        r = json.loads(line)
+        top = [c["id"] for c in r["ranked"][:n]]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"{predictions}:{line_number}: not a prediction row with 'ranked' passage ids ({e})") from None
+      if unknown := [i for i in top if i not in corpus["text"]]:
+        raise SystemExit(f"{predictions}:{line_number}: passage ids not in the corpus {common.CORPUS}: {unknown[:3]} "
+                         "(a dense run over another corpus?)")
       if any(has_answer(corpus["text"][i], r["answers"]) for i in top):
         # The passage exactly as the corpus shows it to models (title line included), so P(True) is the same
         # as from dense retrieval itself.
