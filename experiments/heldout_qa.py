@@ -4,11 +4,13 @@
         --ranking runs/heldout/heldout_tuned_runs_rank_i_hf_n20 [--runs_dir runs/heldout_qa_rank_i] [--skip_others]
     python experiments/heldout_qa.py ... --no_run   # the table from the predictions so far (e.g. after a kill)
     python experiments/heldout_qa.py --checkpoint runs/rank_i/hf --others 328:1464   # a slice of the others only
+    python experiments/heldout_qa.py --checkpoint runs/rank_i/hf --n 100 --skip_others \
+        --ranking runs/heldout/heldout_tuned_runs_rank_i_hf_n100   # reranking BM25's top 100, rerankable only
 
 One model answers every question (greedy, 32 new tokens, the paper's prompt) from five passages:
   without reranking  BM25's own top 5 (the paper's Table 3 "w/o reranking" ablation);
-  with reranking     the top 5 of BM25's top 20 reordered by the same model's P("True").
-The questions with an answer passage in BM25's top 20 ("rerankable", the only ones whose answer-Recall reranking
+  with reranking     the top 5 of BM25's top N (--n, default 20) reordered by the same model's P("True").
+The questions with an answer passage in BM25's top N ("rerankable", the only ones whose answer-Recall reranking
 can change) reuse `heldout_ranking.py`'s predictions for that checkpoint (--ranking: the same scores, not computed
 twice); the other questions are scored here (~4 s each on this CPU), resumably: a stopped run keeps its answers,
 and the table says how many questions each row covers. EM/F1 are compared on the questions both systems answered.
@@ -33,7 +35,7 @@ from rankrag_jax import eval_outputs
 from rankrag_jax import evaluate
 from rankrag_jax.retrieval import corpus as corpus_lib
 
-N, K = 20, 5
+DEFAULT_N, K = 20, 5
 
 
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
@@ -41,15 +43,16 @@ def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> str:
   return str(path)
 
 
-def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.Corpus) -> list[dict]:
-  """The rerankable questions with their reranked top N as `ctxs` (retriever "given"), from a ranking run."""
+def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.Corpus, n: int) -> list[dict]:
+  """The rerankable questions with the top K of their reranked top n as `ctxs` (retriever "given"), from a
+  ranking run (the generator reads K passages: the rest would only fill the dataset file)."""
   if not (ranking_dir / "run.json").is_file():
     raise SystemExit(f"--ranking: {ranking_dir / 'run.json'} does not exist (an unfinished ranking run?)")
   info = json.loads((ranking_dir / "run.json").read_text())
-  if (info["checkpoint"], info["n"], info["retriever"], info["use_reranker"]) != (checkpoint, N, "bm25", True):
+  if (info["checkpoint"], info["n"], info["retriever"], info["use_reranker"]) != (checkpoint, n, "bm25", True):
     raise SystemExit(f"--ranking {ranking_dir}: made by checkpoint={info['checkpoint']!r} n={info['n']} "
                      f"retriever={info['retriever']!r} reranked={info['use_reranker']}; expected {checkpoint!r}, "
-                     f"{N}, 'bm25', True")
+                     f"{n}, 'bm25', True")
   row_of = {passage_id: row for row, passage_id in enumerate(corpus.ids)}
   rows = []
   for line_no, line in enumerate((ranking_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
@@ -58,7 +61,7 @@ def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.C
     if unknown:
       raise SystemExit(f"{ranking_dir / 'predictions.jsonl'}:{line_no}: passage ids not in the corpus: {unknown[:3]}")
     ctxs = [{"id": c["id"], "title": corpus.titles[row_of[c["id"]]], "text": corpus.texts[row_of[c["id"]]]}
-            for c in record["ranked"]]
+            for c in record["ranked"][:K]]
     rows.append({"id": record["id"], "question": record["question"], "answers": record["answers"], "ctxs": ctxs})
   return rows
 
@@ -88,6 +91,11 @@ def summarise(runs_dir: pathlib.Path, rerankable: set[str], names: dict[str, lis
   return out
 
 
+def row_name(checkpoint: str, n: int) -> str:
+  """A results row's name: the checkpoint, and the candidate depth where it is not the default top 20."""
+  return checkpoint + (f" n{n}" if n != DEFAULT_N else "")
+
+
 def others_range(result: dict) -> tuple[int, int]:
   """Which of the others (run order) a results row answered both ways: its --others slice, else the first ones."""
   if result.get("others"):
@@ -98,13 +106,15 @@ def others_range(result: dict) -> tuple[int, int]:
 
 def combine_rows(everything: dict) -> dict:
   """Per checkpoint, its rows summed question-weighted (exact: the JSON keeps unrounded means), where their
-  slices of the others follow each other with no gap or overlap; one row per checkpoint, keyed '<ckpt> together'."""
+  slices of the others follow each other with no gap or overlap; one row per checkpoint and depth n, keyed
+  '<ckpt>[ n<n>] together'."""
   combined = {}
   by_checkpoint = {}
   for key, result in everything.items():
-    if "combined_from" not in result:
-      by_checkpoint.setdefault(result["checkpoint"], []).append((others_range(result), key, result))
-  for checkpoint, parts in by_checkpoint.items():
+    if "combined_from" not in result:  # (rows before --n have no "n": they reranked the top 20)
+      by_checkpoint.setdefault((result["checkpoint"], result.get("n", DEFAULT_N)), []).append(
+          (others_range(result), key, result))
+  for (checkpoint, n), parts in by_checkpoint.items():
     parts.sort(key=lambda part: part[0])
     contiguous = all(a[0][1] == b[0][0] for a, b in zip(parts, parts[1:])) and parts[0][0][0] == 0
     if len(parts) < 2 or not contiguous or len({tuple(r["systems"]) for _, _, r in parts}) != 1:
@@ -114,11 +124,11 @@ def combine_rows(everything: dict) -> dict:
       systems[system] = {}
       for label in ("all", "rerankable", "others"):
         counted = [r["systems"][system][label] for _, _, r in parts if r["systems"][system][label]["questions"]]
-        n = sum(c["questions"] for c in counted)
-        systems[system][label] = {"questions": n, **{m: sum(c[m] * c["questions"] for c in counted) / n if n else None
-                                                      for m in ("EM", "F1")}}
-    combined[f"{checkpoint} together"] = {
-        "checkpoint": checkpoint, "combined_from": [key for _, key, _ in parts],
+        answered = sum(c["questions"] for c in counted)
+        systems[system][label] = {"questions": answered, **{
+            m: sum(c[m] * c["questions"] for c in counted) / answered if answered else None for m in ("EM", "F1")}}
+    combined[f"{row_name(checkpoint, n)} together"] = {
+        "checkpoint": checkpoint, "n": n, "combined_from": [key for _, key, _ in parts],
         "heldout_questions": parts[0][2]["heldout_questions"], "systems": systems}
   return combined
 
@@ -129,8 +139,9 @@ def main():
   parser.add_argument("--ranking", default=None, help="heldout_ranking.py's prediction directory for it")
   parser.add_argument("--runs_dir", default=None, help="default: runs/heldout_qa_<checkpoint's run name>"
                       "[_others<START>_<END>]")
-  parser.add_argument("--skip_others", action="store_true", help="answer only the rerankable questions with "
-                      "reranking (the others' scoring is ~1.7 h here); the table says what was covered")
+  parser.add_argument("--n", type=int, default=DEFAULT_N, help="candidates reranked per question (BM25's top n)")
+  parser.add_argument("--skip_others", action="store_true", help="answer only the rerankable questions, both ways "
+                      "(the others' scoring is ~1.7 h here at n 20); the table says what was covered")
   parser.add_argument("--others", default=None, metavar="START:END", help="only this slice of the other "
                       "questions (run order), both ways; no --ranking needed")
   parser.add_argument("--limit", type=int, default=None, help="the first questions of each run only (a smoke test)")
@@ -139,8 +150,9 @@ def main():
   others_slice = _parse_slice(args.others) if args.others is not None else None
   if args.ranking is None and others_slice is None:
     raise SystemExit("--ranking is required (heldout_ranking.py's prediction directory), unless --others START:END")
-  slice_tag = f"_others{others_slice.start}_{others_slice.stop}" if others_slice else ""
-  runs_dir = pathlib.Path(args.runs_dir or f"runs/heldout_qa_{pathlib.Path(args.checkpoint).parent.name}{slice_tag}")
+  tag = (f"_n{args.n}" if args.n != DEFAULT_N else "") + (
+      f"_others{others_slice.start}_{others_slice.stop}" if others_slice else "")
+  runs_dir = pathlib.Path(args.runs_dir or f"runs/heldout_qa_{pathlib.Path(args.checkpoint).parent.name}{tag}")
   runs_dir.mkdir(parents=True, exist_ok=True)
 
   corpus = corpus_lib.read_corpus_jsonl(evaluate.resolve_path(common.CORPUS))
@@ -148,11 +160,11 @@ def main():
     ranking_dir = pathlib.Path(args.ranking)
     if not (ranking_dir / "predictions.jsonl").is_file():
       raise SystemExit(f"--ranking: {ranking_dir / 'predictions.jsonl'} does not exist")
-    reranked = ranked_rows(ranking_dir, args.checkpoint, corpus)
+    reranked = ranked_rows(ranking_dir, args.checkpoint, corpus, args.n)
     rerankable = {r["id"] for r in reranked}
   else:  # the rerankable set only, to leave it out: BM25's top N and the answers decide it, not the model
-    subset = runs_dir / f"heldout_rerankable_n{N}.jsonl"
-    heldout_ranking.rerankable_subset(N, subset)
+    subset = runs_dir / f"heldout_rerankable_n{args.n}.jsonl"
+    heldout_ranking.rerankable_subset(args.n, subset)
     reranked, rerankable = [], {json.loads(line)["id"] for line in subset.read_text().splitlines()}
   heldout = evaluate.read_eval_dataset(evaluate.resolve_path(common.HELDOUT))
   as_row = lambda r: {"id": r["id"], "question": r["question"], "answers": r["answers"]}
@@ -161,15 +173,17 @@ def main():
     others = others[others_slice]
   # Rerankable questions first: a run stopped early has answered every question reranking can help.
   # (With --others, the slice alone.)
-  ordered = ([as_row(r) for r in heldout if r["id"] in rerankable] if reranked else []) + others
+  ordered = ([as_row(r) for r in heldout if r["id"] in rerankable] if reranked else []) + (
+      [] if args.skip_others else others)
   paths = {name: _write_jsonl(runs_dir / f"{name}.jsonl", rows) for name, rows in
            (("rerankable_reranked", reranked), ("others", others), ("all_rerankable_first", ordered))}
 
   shared = dict(corpus=common.CORPUS, checkpoint=args.checkpoint, k=K, chat_format="chatqa", generate_answers=True,
                 recall_ks=(1, 5), show_progress=True)
   runs = [("without", dict(dataset=paths["all_rerankable_first"], retriever="bm25", n=K, use_reranker=False)),
-          ("with_rerankable", dict(dataset=paths["rerankable_reranked"], retriever="given", n=N, use_reranker=False)),
-          ("with_others", dict(dataset=paths["others"], retriever="bm25", n=N, use_reranker=True))]
+          ("with_rerankable", dict(dataset=paths["rerankable_reranked"], retriever="given", n=args.n,
+                                   use_reranker=False)),
+          ("with_others", dict(dataset=paths["others"], retriever="bm25", n=args.n, use_reranker=True))]
   if others_slice is not None:  # the slow half first: a slice stopped early has every question with reranking
     runs = runs[::-1]
   walls = {}
@@ -183,10 +197,10 @@ def main():
       raise SystemExit(str(e)) from None
     walls[name] = time.time() - start
   table = summarise(runs_dir, rerankable, {"without reranking (BM25 top 5)": ["without"],
-                                           f"with reranking (top 5 of BM25 top {N} by P(True))":
+                                           f"with reranking (top 5 of BM25 top {args.n} by P(True))":
                                            ["with_rerankable", "with_others"]})
   every = summarise(runs_dir, rerankable, {"without": ["without"], "with": ["with_rerankable", "with_others"]})
-  result = {"checkpoint": args.checkpoint, "ranking": args.ranking, "others": args.others,
+  result = {"checkpoint": args.checkpoint, "n": args.n, "ranking": args.ranking, "others": args.others,
             "heldout_questions": len(heldout),
             "rerankable": len(rerankable), "wall_s_this_call": walls, "systems": table,
             "without_reranking_every_answered_question": every["without"]["all"],
@@ -198,7 +212,10 @@ def main():
   results_path = common.RESULTS_DIR / "heldout_qa.json"
   everything = json.loads(results_path.read_text()) if results_path.exists() else {}
   everything = {k: r for k, r in everything.items() if "combined_from" not in r}
-  everything[args.checkpoint + (f" others[{args.others}]" if args.others else "")] = result
+  key = row_name(args.checkpoint, args.n) + (f" others[{args.others}]" if args.others else "")
+  if args.no_run and key in everything:  # a rebuilt table keeps the wall times of the run that answered
+    result["wall_s_this_call"] = everything[key]["wall_s_this_call"]
+  everything[key] = result
   everything.update(combine_rows(everything))
   results_path.write_text(json.dumps(everything, indent=1) + "\n")
   lines = ["| generator (and ranker) | system | questions | EM | F1 | rerankable: questions, EM, F1 | "
