@@ -138,7 +138,7 @@ def main():
   parser.add_argument("--checkpoint", required=True, help="the tuned model (ranker and generator), e.g. an HF dir")
   parser.add_argument("--ranking", default=None, help="heldout_ranking.py's prediction directory for it")
   parser.add_argument("--runs_dir", default=None, help="default: runs/heldout_qa_<checkpoint's run name>"
-                      "[_others<START>_<END>]")
+                      "[_n<N>][_others<START>_<END>]")
   parser.add_argument("--n", type=int, default=DEFAULT_N, help="candidates reranked per question (BM25's top n)")
   parser.add_argument("--skip_others", action="store_true", help="answer only the rerankable questions, both ways "
                       "(the others' scoring is ~1.7 h here at n 20); the table says what was covered")
