@@ -56,8 +56,12 @@ def ranked_rows(ranking_dir: pathlib.Path, checkpoint: str, corpus: corpus_lib.C
   row_of = {passage_id: row for row, passage_id in enumerate(corpus.ids)}
   rows = []
   for line_no, line in enumerate((ranking_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines(), 1):
-    record = json.loads(line)
-    unknown = [c["id"] for c in record["ranked"] if c["id"] not in row_of]
+    try:
+      record = json.loads(line)
+      unknown = [c["id"] for c in record["ranked"] if c["id"] not in row_of]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise SystemExit(f"{ranking_dir / 'predictions.jsonl'}:{line_no}: not a prediction row with 'ranked' passage "
+                       f"ids ({e})") from None
     if unknown:
       raise SystemExit(f"{ranking_dir / 'predictions.jsonl'}:{line_no}: passage ids not in the corpus: {unknown[:3]}")
     ctxs = [{"id": c["id"], "title": corpus.titles[row_of[c["id"]]], "text": corpus.texts[row_of[c["id"]]]}
@@ -148,6 +152,8 @@ def main():
   parser.add_argument("--no_run", action="store_true", help="only rebuild the table from the predictions so far")
   args = parser.parse_args()
   others_slice = _parse_slice(args.others) if args.others is not None else None
+  if args.n < K:
+    raise SystemExit(f"--n {args.n}: the generator reads the top {K}, so n must be at least {K}")
   if args.ranking is None and others_slice is None:
     raise SystemExit("--ranking is required (heldout_ranking.py's prediction directory), unless --others START:END")
   tag = (f"_n{args.n}" if args.n != DEFAULT_N else "") + (
