@@ -8,7 +8,8 @@
 Reranking reorders each question's BM25 top-N (or, with --rerank_from dense, a dense run's), so a question with no
 answer-bearing passage in its top N has answer-Recall@k 0 under every reranker. Only the others ("rerankable") are
 scored by the model; Recall@k is then counted over all held-out questions (hits / 1,769): exact, at a fraction of
-the cost (~17% of questions at N=20, ~27% at N=100; then also Recall@N, the pool's own). A killed run resumes from its predictions.jsonl.
+the cost (~17% of questions at N=20, ~27% at N=100; then also Recall@N, the pool's own). A killed run resumes
+from its predictions.jsonl.
 Dense retrieval (all-MiniLM-L6-v2) runs on every held-out question: its own top N, no reranking.
 AUC is P("True")'s pairwise AUC over each rerankable question's own (answer passage, other passage) pairs, beside
 BM25's own score's AUC on the same pairs; "on-topic AUC" counts as positive only answer passages whose title is on
